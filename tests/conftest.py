@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from tsds_interp.model import ModelConfig, build_model
+from tsds_interp.task import TaskConfig
+
+TINY_TASK = TaskConfig(width=2, budget=2, train_cells=((1, 1), (1, 2), (2, 1)), ood_cells=((2, 2),))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0, task=TINY_TASK)
+
+
+@pytest.fixture(scope="session")
+def random_model(tiny_cfg):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+    """The tiny pipeline, trained once per test session (base, sft, rl checkpoints)."""
+    from tsds_interp.train import pipeline
+
+    out = tmp_path_factory.mktemp("tiny_pipeline")
+    return pipeline("tiny", out, quiet=True), out

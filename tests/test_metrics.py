@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+
+from tsds_interp.metrics import ds_metrics, predicted_accuracy, simulate_ds, wilson
+from tsds_interp.rollout import ACCEPTED, INVALID, NOT_REACHED, REJECTED, Rollouts
+
+A, R, N, X = ACCEPTED, REJECTED, NOT_REACHED, INVALID
+
+
+def _constructed() -> Rollouts:
+    """Six 1x1 episodes with budget 3, written by hand (c = candidate correct)."""
+    correct = [[1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]]
+    decisions = [[A, N, N], [R, A, N], [A, N, N], [R, R, R], [R, A, N], [X, N, N]]
+    n_attempts = [1, 2, 1, 3, 2, 1]
+    final = [1, 1, 0, 1, 0, 0]
+    n = len(correct)
+    return Rollouts(
+        a=torch.full((n,), 3), b=torch.full((n,), 4), tokens=torch.zeros(n, 5, dtype=torch.long),
+        roles=torch.zeros(n, 5, dtype=torch.long), logprobs=torch.zeros(n, 5),
+        candidates=torch.zeros(n, 3, 2, dtype=torch.long), values=torch.zeros(n, 3, dtype=torch.long),
+        correct=torch.tensor(correct, dtype=torch.bool), decisions=torch.tensor(decisions),
+        n_attempts=torch.tensor(n_attempts), malformed=torch.tensor([0, 0, 0, 0, 0, 1], dtype=torch.bool),
+        final_correct=torch.tensor(final, dtype=torch.bool))
+
+
+def test_metrics_match_hand_computation():
+    df = ds_metrics(_constructed()).set_index(["cell", "metric"])["value"]
+    # candidates written: 1+2+1+3+2+1 = 10; correct: 1+1+0+1+1+0 = 4
+    assert df["1x1", "p_s"] == pytest.approx(4 / 10)
+    assert df["1x1", "p_s_first"] == pytest.approx(2 / 6)
+    # accepted given correct: ep0 (A), ep1 attempt 2 (A), ep3 attempt 3 (R), ep4 attempt 1 (R) -> 2/4
+    assert df["1x1", "p_d_given_c"] == pytest.approx(2 / 4)
+    # rejected given wrong: wrong candidates ep1a1 R, ep2a1 A, ep3a1 R, ep3a2 R, ep4a2 A, ep5a1 X -> 3/6
+    assert df["1x1", "p_d_given_w"] == pytest.approx(3 / 6)
+    assert df["1x1", "realized_accuracy"] == pytest.approx(3 / 6)
+    assert df["1x1", "pass@3"] == pytest.approx(4 / 6)
+    assert df["1x1", "mean_attempts"] == pytest.approx(10 / 6)
+    assert df["1x1", "malformed"] == pytest.approx(1 / 6)
+    expected = predicted_accuracy(0.4, 0.5, 0.5, 3)
+    assert df["1x1", "predicted_accuracy@3"] == pytest.approx(float(expected))
+    assert df["all", "p_s"] == df["1x1", "p_s"]
+
+
+def test_predicted_accuracy_closed_forms():
+    # never reject: the first candidate is final
+    assert predicted_accuracy(0.3, 1.0, 0.0, 5) == pytest.approx(0.3)
+    # perfect verifier with budget K: 1 - (1-p)^K
+    assert predicted_accuracy(0.3, 1.0, 1.0, 4) == pytest.approx(1 - 0.7**4)
+    # unbounded formula from SCIENCE.md
+    p, a, r = 0.4, 0.8, 0.6
+    assert predicted_accuracy(p, a, r, None) == pytest.approx(p * a / (p * a + (1 - p) * (1 - r)))
+    # large budget converges to the unbounded value
+    assert predicted_accuracy(p, a, r, 200) == pytest.approx(predicted_accuracy(p, a, r, None))
+
+
+@pytest.mark.parametrize("p,a,r,k", [(0.3, 0.9, 0.5, 3), (0.6, 0.7, 0.2, 2), (0.1, 0.95, 0.9, 5),
+                                     (0.5, 0.5, 0.5, 1)])
+def test_predicted_accuracy_matches_monte_carlo(p, a, r, k):
+    n = 200_000
+    sim = simulate_ds(p, a, r, k, n, seed=1)
+    lo, hi = wilson(sim.sum(), n)
+    assert lo <= predicted_accuracy(p, a, r, k) <= hi
+
+
+def test_wilson_interval():
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    lo, hi = wilson(0, 0)
+    assert np.isnan(lo) and np.isnan(hi)
+
+
+def test_metrics_have_intervals_and_counts():
+    df = ds_metrics(_constructed())
+    assert {"cell", "metric", "value", "lo", "hi", "n"} <= set(df.columns)
+    ok = df.dropna(subset=["lo"])
+    assert ((ok.lo <= ok.value + 1e-12) & (ok.value <= ok.hi + 1e-12)).all()
+
+
+def test_empty_rollouts_error():
+    with pytest.raises(ValueError, match="no rollouts"):
+        ds_metrics(_constructed()[:0])

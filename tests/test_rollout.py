@@ -1,0 +1,125 @@
+import pytest
+import torch
+
+from tsds_interp.rollout import ACCEPTED, INVALID, NOT_REACHED, REJECTED, rollout
+from tsds_interp.task import DECISION, END, PAD, SAMPLE, build_trajectories, sample_questions, token_roles
+
+
+@pytest.fixture(scope="module")
+def questions(random_model):
+    return sample_questions(random_model.tsds_config.task, "train", 24, seed=3)
+
+
+@pytest.mark.parametrize("temp,dtemp", [(0.0, 0.0), (1.0, 1.0), (1.3, 0.5)])
+def test_kv_cache_matches_uncached_reference(random_model, questions, temp, dtemp):
+    kw = dict(temperature=temp, decision_temperature=dtemp, seed=7)
+    cached = rollout(random_model, questions, **kw)
+    ref = rollout(random_model, questions, cached=False, **kw)
+    assert torch.equal(cached.tokens, ref.tokens)
+    assert torch.allclose(cached.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_kv_cache_matches_on_long_episodes(trained_tiny):
+    from tsds_interp.model import load
+
+    paths, _ = trained_tiny
+    model = load(paths["sft"])
+    q = sample_questions(model.tsds_config.task, "train", 64, seed=5)
+    cached = rollout(model, q, temperature=1.0, seed=2)
+    ref = rollout(model, q, temperature=1.0, seed=2, cached=False)
+    assert torch.equal(cached.tokens, ref.tokens)
+    assert (cached.n_attempts > 1).any()  # the comparison covered multi-attempt episodes
+
+
+def test_same_seed_same_tokens_any_batching(random_model, questions):
+    a = rollout(random_model, questions, seed=11)
+    b = rollout(random_model, questions, seed=11, batch_size=5)
+    c = rollout(random_model, questions[:7], seed=11)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.tokens[:7], c.tokens)
+
+
+def test_random_model_garbage_never_crashes(random_model):
+    q = sample_questions(random_model.tsds_config.task, "train", 200, seed=0)
+    r = rollout(random_model, q, temperature=2.0, seed=0)
+    task = random_model.tsds_config.task
+    assert r.tokens.shape == (200, task.max_len)
+    assert r.malformed.any()
+    assert not r.final_correct[r.malformed].any()
+    assert ((r.roles == END).sum(1) == 1).all()
+    assert torch.equal(r.roles, token_roles(r.tokens, task))
+
+
+def test_rollout_bookkeeping_on_a_scripted_model(tiny_cfg):
+    """A model whose weights make it copy a fixed script: check every field."""
+    task = tiny_cfg.task
+    q = sample_questions(task, "train", 16, seed=1)
+    r = rollout(_ScriptedPolicy(task), q, task=task, temperature=0.0, cached=False)
+    # first candidate wrong (product + 1), rejected; second right, accepted
+    assert (r.values[:, 0] == q.a * q.b + 1).all() and (r.values[:, 1] == q.a * q.b).all()
+    assert (r.decisions[:, 0] == REJECTED).all() and (r.decisions[:, 1] == ACCEPTED).all()
+    assert r.correct[:, 1].all() and not r.correct[:, 0].any()
+    assert (r.n_attempts == 2).all() and r.final_correct.all() and (r.reward == 1).all()
+    assert (r.roles == DECISION).sum(1).tolist() == [2] * 16
+    assert (r.roles == SAMPLE).sum(1).tolist() == [2 * task.answer_len] * 16
+    assert (r.logprobs[r.roles == SAMPLE] == 0).all()  # one-hot script: log 1 = 0
+
+
+def test_budget_caps_attempts(tiny_cfg):
+    task = tiny_cfg.task
+    q = sample_questions(task, "train", 8, seed=1)
+    r = rollout(_ScriptedPolicy(task, always_reject=True), q, task=task, temperature=0.0, budget=3, cached=False)
+    assert (r.n_attempts == 3).all()
+    assert (r.decisions == REJECTED).all()
+    # at the budget the last candidate is final even though it was rejected
+    assert (r.values[:, 2] == q.a * q.b).all() and r.final_correct.all()
+
+
+def test_invalid_decision_ends_episode(tiny_cfg):
+    task = tiny_cfg.task
+    q = sample_questions(task, "train", 8, seed=1)
+    r = rollout(_ScriptedPolicy(task, decision_token=PAD), q, task=task, temperature=0.0, cached=False)
+    assert (r.decisions[:, 0] == INVALID).all() and (r.decisions[:, 1] == NOT_REACHED).all()
+    assert r.malformed.all() and not r.final_correct.any()
+
+
+def test_empty_and_bad_arguments(random_model, questions):
+    with pytest.raises(ValueError, match="no questions"):
+        rollout(random_model, questions[:0])
+    with pytest.raises(ValueError, match="temperatures"):
+        rollout(random_model, questions, temperature=-1)
+
+
+class _ScriptedPolicy(torch.nn.Module):
+    """Stands in for a model in ``rollout(cached=False)``-style calls: returns one-hot logits that
+    write (product + 1) REJECT, then product ACCEPT (or always REJECT / a bad decision token)."""
+
+    def __init__(self, task, always_reject=False, decision_token=None):
+        super().__init__()
+        self.task, self.always_reject, self.decision_token = task, always_reject, decision_token
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        from tsds_interp.model import ModelConfig
+        self.tsds_config = ModelConfig(n_layers=1, d_model=4, n_heads=1, d_mlp=4, task=task)
+
+    def forward(self, tokens):
+        from tsds_interp.task import ACCEPT, REJECT
+        task = self.task
+        n, T = tokens.shape
+        P = task.prompt_len
+        a = (tokens[:, 1 : 1 + task.width] * 10 ** torch.arange(task.width - 1, -1, -1)).sum(1)
+        b = (tokens[:, 2 + task.width : 2 + 2 * task.width] * 10 ** torch.arange(task.width - 1, -1, -1)).sum(1)
+        dec = [torch.full((n,), REJECT), torch.full((n,), REJECT if self.always_reject else ACCEPT)]
+        dec += [torch.full((n,), REJECT)] * task.budget
+        script = build_trajectories(a, b, [a * b + 1, a * b] + [a * b] * task.budget,
+                                    dec[: max(2, task.budget + 2)], _task_with_budget(task, 2 + task.budget))
+        if self.decision_token is not None:
+            script[:, P + task.answer_len] = self.decision_token
+        nxt = script[:, 1 : T + 1]
+        logits = torch.full((n, T, 17), -1e4)
+        logits.scatter_(2, nxt[:, :, None], 0.0)
+        return logits
+
+
+def _task_with_budget(task, k):
+    from tsds_interp.task import TaskConfig
+    return TaskConfig(**{**task.to_dict(), "budget": k})

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tsds_interp.task import (
+    ACCEPT, DECISION, END, EOS, PAD, PADDING, PROMPT, REJECT, SAMPLE, VOCAB, TaskConfig,
+    answer_tokens, build_trajectories, check, decode, encode, num_digits, parse_candidate,
+    prompt_tokens, sample_questions, token_roles,
+)
+
+TASK = TaskConfig(width=2, budget=2, train_cells=((1, 1), (1, 2), (2, 2)), ood_cells=((2, 1),))
+
+
+@given(st.lists(st.sampled_from(VOCAB), max_size=40))
+def test_encode_decode_round_trip(items):
+    text = " ".join(items)
+    assert decode(encode(text)) == text
+    assert encode(decode(encode(text))) == encode(text)
+
+
+def test_unknown_token_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown token 'x'"):
+        encode("1 x 2")
+
+
+@given(st.integers(0, 99), st.integers(0, 99), st.sampled_from(["reversed", "forward"]))
+def test_answer_parse_round_trip_and_checker(a, b, order):
+    task = TaskConfig(width=2, answer_order=order, train_cells=((1, 1),), ood_cells=())
+    at, bt = torch.tensor([a]), torch.tensor([b])
+    cand = answer_tokens(at * bt, task)
+    assert parse_candidate(cand, task).item() == a * b
+    assert check(at, bt, cand, task).item()
+    wrong = answer_tokens(at * bt + 1, task)
+    assert not check(at, bt, wrong, task).item()
+
+
+def test_reversed_answer_layout():
+    assert decode(answer_tokens(torch.tensor([56]), TASK)[0]) == "6 5 0 0"
+    fwd = TaskConfig(width=2, answer_order="forward", train_cells=((1, 1),), ood_cells=())
+    assert decode(answer_tokens(torch.tensor([56]), fwd)[0]) == "0 0 5 6"
+
+
+def test_non_digit_candidate_is_invalid():
+    cand = torch.tensor([encode("6 <accept> 0 0")])
+    assert parse_candidate(cand, TASK).item() == -1
+    assert not check(torch.tensor([7]), torch.tensor([8]), cand, TASK).item()
+
+
+def test_roles_on_hand_written_trajectories():
+    # 7 * 8 = 56: wrong candidate 55 rejected, right one accepted.
+    text = "<bos> 0 7 * 0 8 = 5 5 0 0 <reject> 6 5 0 0 <accept> <eos>"
+    roles = token_roles(torch.tensor([encode(text)]), TASK)[0].tolist()
+    P, S, D, E = PROMPT, SAMPLE, DECISION, END
+    assert roles == [P] * 7 + [S] * 4 + [D] + [S] * 4 + [D] + [E]
+    # accepted at once, then EOS and padding
+    text = "<bos> 0 7 * 0 8 = 6 5 0 0 <accept> <eos> <pad> <pad> <pad> <pad> <pad>"
+    roles = token_roles(torch.tensor([encode(text)]), TASK)[0].tolist()
+    assert roles == [P] * 7 + [S] * 4 + [D] + [E] + [PADDING] * 5
+    # malformed: the episode ended inside a candidate
+    text = "<bos> 0 7 * 0 8 = 6 * <eos> <pad>"
+    roles = token_roles(torch.tensor([encode(text)]), TASK)[0].tolist()
+    assert roles == [P] * 7 + [S, S, E, PADDING]
+
+
+def test_build_trajectories_matches_the_format():
+    a, b = torch.tensor([7, 7]), torch.tensor([8, 8])
+    tr = build_trajectories(a, b, [torch.tensor([55, 56]), torch.tensor([56, 0])],
+                            [torch.tensor([REJECT, ACCEPT]), torch.tensor([ACCEPT, ACCEPT])], TASK)
+    assert decode(tr[0]) == "<bos> 0 7 * 0 8 = 5 5 0 0 <reject> 6 5 0 0 <accept> <eos>"
+    assert decode(tr[1]).startswith("<bos> 0 7 * 0 8 = 6 5 0 0 <accept> <eos> <pad>")
+    assert tr.shape[1] == TASK.max_len
+
+
+def test_prompt_is_fixed_width():
+    p = prompt_tokens(torch.tensor([3, 45]), torch.tensor([12, 6]), TASK)
+    assert decode(p[0]) == "<bos> 0 3 * 1 2 ="
+    assert p.shape == (2, TASK.prompt_len)
+
+
+def test_splits_are_disjoint_reproducible_and_in_their_cells():
+    task = TaskConfig(width=2, train_cells=((2, 2),), ood_cells=((1, 2),), test_fraction=0.2)
+    tr = sample_questions(task, "train", 3000, seed=0)
+    te = sample_questions(task, "test", 500, seed=1)
+    assert not ({(int(x), int(y)) for x, y in zip(tr.a, tr.b)} & {(int(x), int(y)) for x, y in zip(te.a, te.b)})
+    again = sample_questions(task, "train", 3000, seed=0)
+    assert torch.equal(tr.a, again.a) and torch.equal(tr.b, again.b)
+    assert set(tr.cells) == {(2, 2)}
+    assert set(sample_questions(task, "ood", 50, seed=0).cells) == {(1, 2)}
+
+
+def test_cells_spread_evenly():
+    q = sample_questions(TASK, "train", 300, seed=0)
+    cells = q.cells
+    assert {c: cells.count(c) for c in set(cells)} == {(1, 1): 100, (1, 2): 100, (2, 2): 100}
+    assert num_digits(torch.tensor([0, 9, 10, 99, 100])).tolist() == [1, 1, 2, 2, 3]
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(width=0), "width"), (dict(budget=0), "budget"), (dict(answer_order="up"), "answer_order"),
+    (dict(width=2, train_cells=((3, 1),)), "width=2"), (dict(test_fraction=1.5), "test_fraction"),
+])
+def test_bad_task_config(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        TaskConfig(**kwargs)
+
+
+def test_bad_split():
+    with pytest.raises(ValueError, match="split"):
+        sample_questions(TASK, "valid", 3, 0)
+
+
+def test_pad_and_eos_ids_distinct():
+    assert len({EOS, PAD, ACCEPT, REJECT}) == 4

@@ -1,0 +1,153 @@
+"""The DS decomposition of reflective rollouts, per difficulty cell and overall.
+
+Per episode the model writes up to K candidates, each followed by a decision. With
+``p = p_s`` (a candidate is correct), ``a = p_{d|C}`` (ACCEPT given correct) and
+``r = p_{d|W}`` (REJECT given wrong), and attempts independent, an attempt stops the episode
+with the right answer with probability ``p a``, with a wrong one with ``(1 - p)(1 - r)``, and goes
+on with ``c = p (1 - a) + (1 - p) r``. Hence
+
+- budget K (the K-th candidate is final whatever the decision): ``p a (1 - c^(K-1)) / (1 - c) + c^(K-1) p``
+- unbounded: ``p a / (p a + (1 - p)(1 - r))``.
+
+``p_s`` and the decision rates count every candidate written (decisions after the last attempt
+included), ``p_s_first`` only the first. A decision that is neither ACCEPT nor REJECT counts as
+neither (it ends the episode as malformed). ``pass@k`` is the share of episodes with a correct
+candidate among their attempts. Proportions get Wilson 95% intervals; predicted accuracies get
+a parametric-bootstrap 95% interval from the three counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts
+from tsds_interp.task import num_digits
+
+Z95 = 1.959963984540054
+
+
+def wilson(k: np.ndarray | int, n: np.ndarray | int, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of k successes in n trials (nan where n = 0)."""
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = k / n
+        denom = 1 + z**2 / n
+        centre = (p + z**2 / (2 * n)) / denom
+        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    return centre - half, centre + half
+
+
+def predicted_accuracy(p_s, p_dc, p_dw, budget: int | None):
+    """Accuracy of the DS process from its three probabilities; ``budget=None`` is unbounded."""
+    p_s, p_dc, p_dw = (np.asarray(x, float) for x in (p_s, p_dc, p_dw))
+    stop_right = p_s * p_dc
+    stop_wrong = (1 - p_s) * (1 - p_dw)
+    if budget is None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return stop_right / (stop_right + stop_wrong)
+    go_on = 1 - stop_right - stop_wrong
+    acc = np.zeros_like(stop_right)
+    for i in range(budget - 1):
+        acc = acc + go_on**i * stop_right
+    return acc + go_on ** (budget - 1) * p_s
+
+
+def simulate_ds(p_s: float, p_dc: float, p_dw: float, budget: int, n: int, seed: int = 0
+                ) -> np.ndarray:
+    """Monte Carlo of the DS process: whether each of ``n`` episodes ends with a right answer."""
+    rng = np.random.default_rng(seed)
+    result = np.zeros(n, bool)
+    alive = np.ones(n, bool)
+    for attempt in range(budget):
+        right = rng.random(n) < p_s
+        accept = np.where(right, rng.random(n) < p_dc, rng.random(n) >= p_dw)
+        stop = alive & (accept | (attempt == budget - 1))
+        result[stop] = right[stop]
+        alive &= ~stop
+    return result
+
+
+def _counts(r: Rollouts) -> dict[str, np.ndarray]:
+    written = np.arange(r.correct.shape[1]) < r.n_attempts.numpy()[:, None]
+    correct = r.correct.numpy()
+    dec = r.decisions.numpy()
+    return {
+        "first_correct": correct[:, 0],
+        "cand": written.sum(1),
+        "cand_correct": (correct & written).sum(1),
+        "acc_given_c": ((dec == ACCEPTED) & correct).sum(1),
+        "rej_given_w": ((dec == REJECTED) & written & ~correct).sum(1),
+        "wrong": (written & ~correct).sum(1),
+        "final": r.final_correct.numpy(),
+        "any": (correct & written).any(1),
+        "attempts": r.n_attempts.numpy(),
+        "malformed": r.malformed.numpy(),
+    }
+
+
+def _bootstrap_predicted(c: dict, budget: int | None, n_boot: int, rng) -> tuple[float, float]:
+    n_c, n_w, n_cand = c["cand_correct"], c["wrong"], c["cand"]
+    if min(n_c, n_w) == 0 or n_cand == 0:
+        return np.nan, np.nan
+    p = rng.binomial(n_cand, n_c / n_cand, n_boot) / n_cand
+    a = rng.binomial(n_c, c["acc_given_c"] / n_c, n_boot) / n_c
+    w = rng.binomial(n_w, c["rej_given_w"] / n_w, n_boot) / n_w
+    pred = predicted_accuracy(p, a, w, budget)
+    return tuple(np.nanpercentile(pred, [2.5, 97.5]))
+
+
+def _cell_rows(cell: str, c: dict, budget: int, rng, n_boot: int) -> list[dict]:
+    n = len(c["final"])
+    tot = {k: int(np.sum(v)) for k, v in c.items()}
+    props = {
+        "p_s_first": (tot["first_correct"], n),
+        "p_s": (tot["cand_correct"], tot["cand"]),
+        "p_d_given_c": (tot["acc_given_c"], tot["cand_correct"]),
+        "p_d_given_w": (tot["rej_given_w"], tot["wrong"]),
+        "realized_accuracy": (tot["final"], n),
+        f"pass@{budget}": (tot["any"], n),
+        "malformed": (tot["malformed"], n),
+    }
+    rows = []
+    for metric, (k, m) in props.items():
+        lo, hi = wilson(k, m)
+        rows.append(dict(cell=cell, metric=metric, value=k / m if m else np.nan,
+                         lo=float(lo), hi=float(hi), n=m))
+    p, a, w = (props[k][0] / props[k][1] if props[k][1] else np.nan
+               for k in ("p_s", "p_d_given_c", "p_d_given_w"))
+    for name, k_budget in ((f"predicted_accuracy@{budget}", budget), ("predicted_accuracy@inf", None)):
+        lo, hi = _bootstrap_predicted(tot, k_budget, n_boot, rng)
+        rows.append(dict(cell=cell, metric=name, value=float(predicted_accuracy(p, a, w, k_budget)),
+                         lo=lo, hi=hi, n=tot["cand"]))
+    att = c["attempts"].astype(float)
+    sem = att.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
+    rows.append(dict(cell=cell, metric="mean_attempts", value=att.mean(),
+                     lo=att.mean() - Z95 * sem, hi=att.mean() + Z95 * sem, n=n))
+    return rows
+
+
+def ds_metrics(r: Rollouts, budget: int | None = None, n_boot: int = 2000, seed: int = 0
+               ) -> pd.DataFrame:
+    """Tidy DS metrics: one row per (cell, metric) with value, 95% CI (lo, hi) and count n.
+
+    ``cell`` is ``"da x db"`` for each difficulty cell and ``"all"`` for the whole batch.
+    """
+    if len(r) == 0:
+        raise ValueError("no rollouts to measure; roll out at least one question")
+    budget = budget or r.decisions.shape[1]
+    counts = _counts(r)
+    da, db = num_digits(r.a).numpy(), num_digits(r.b).numpy()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for cell in sorted(set(zip(da, db))):
+        sel = (da == cell[0]) & (db == cell[1])
+        rows += _cell_rows(f"{cell[0]}x{cell[1]}", {k: v[sel] for k, v in counts.items()},
+                           budget, rng, n_boot)
+    rows += _cell_rows("all", counts, budget, rng, n_boot)
+    return pd.DataFrame(rows)
+
+
+def wide(df: pd.DataFrame) -> pd.DataFrame:
+    """Metrics as columns, cells as rows (values only), for printing."""
+    return df.pivot(index="cell", columns="metric", values="value")[df.metric.unique()]

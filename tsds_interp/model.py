@@ -1,0 +1,195 @@
+"""Config -> hooked transformer (TransformerLens ``TransformerBridge.boot_native``); save and load.
+
+A checkpoint is a folder holding ``model.safetensors`` (the bridge's ``state_dict``) and
+``config.json`` (model config, task config and vocabulary). Folders are written under a temporary
+name and renamed, so a crash never leaves half a checkpoint. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_native)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+from tsds_interp.task import VOCAB, TaskConfig
+
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the hooked transformer and the task it is trained on."""
+
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    act_fn: str = "gelu"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+    def __post_init__(self):
+        if isinstance(self.task, dict):
+            object.__setattr__(self, "task", TaskConfig.from_dict(self.task))
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.act_fn not in ("gelu", "gelu_new", "relu", "silu"):
+            raise ValueError(f"act_fn must be gelu, gelu_new, relu or silu, got {self.act_fn!r}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_ctx(self) -> int:
+        return self.task.max_len
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**d)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> TransformerBridge:
+    """A freshly initialised hooked transformer; ``cfg.seed`` fixes the weights."""
+    tl_cfg = TransformerBridgeConfig(
+        d_model=cfg.d_model, d_head=cfg.d_head, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+        n_ctx=cfg.n_ctx, d_vocab=len(VOCAB), d_mlp=cfg.d_mlp, act_fn=cfg.act_fn,
+        normalization_type="LN", seed=cfg.seed, model_name="tsds_interp",
+    )
+    model = TransformerBridge.boot_native(tl_cfg, device=device)
+    model.tsds_config = cfg
+    model.eval()
+    return model
+
+
+def config_of(model) -> ModelConfig:
+    """The :class:`ModelConfig` a model was built from."""
+    cfg = getattr(model, "tsds_config", None)
+    if cfg is None:
+        raise ValueError("this model was not built by tsds_interp.model.build_model/load; "
+                         "pass a ModelConfig or TaskConfig explicitly")
+    return cfg
+
+
+def save(model, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``model`` to the folder ``path`` atomically (replacing an existing checkpoint)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write_checkpoint_files(model, tmp, extra)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def write_checkpoint_files(model, folder: Path, extra: dict | None = None) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    meta = {"format_version": FORMAT_VERSION, "model": config_of(model).to_dict(),
+            "vocab": list(VOCAB), **(extra or {})}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2))
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing ``dst`` with as short a window as a rename allows."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def shipped_names() -> list[str]:
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a path or the name of a shipped checkpoint."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        # A training stage folder holds its model in checkpoint/.
+        if not (path / "config.json").exists() and (path / "checkpoint" / "config.json").is_file():
+            return path / "checkpoint"
+        return path
+    if str(name_or_path) in shipped_names():
+        return SHIPPED_DIR / str(name_or_path)
+    names = ", ".join(shipped_names()) or "none"
+    raise CheckpointError(f"no checkpoint folder or shipped checkpoint named {str(name_or_path)!r} "
+                          f"(shipped: {names}); pass a folder written by tsds_interp.model.save")
+
+
+def read_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json; it is not a tsds_interp checkpoint "
+                              "(write one with tsds_interp.model.save)")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e.msg}); re-save the checkpoint") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise CheckpointError(f"{cfg_file} has no 'model' section; re-save the checkpoint")
+    if meta.get("vocab") != list(VOCAB):
+        raise CheckpointError(f"{cfg_file} was written with another vocabulary "
+                              f"({meta.get('vocab')}); this version uses {list(VOCAB)}: retrain it")
+    return meta
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> TransformerBridge:
+    """Load a checkpoint folder (or a shipped checkpoint by name) as a hooked model in eval mode."""
+    path = resolve_checkpoint(name_or_path)
+    meta = read_config(path)
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'} has a bad model config ({e}); re-save it") from None
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{path} has no model.safetensors; re-save the checkpoint")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is not a readable safetensors file ({e}); re-save it") from None
+    model = build_model(cfg, device=device)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not match its config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}; re-save the checkpoint")
+    for k, v in expected.items():
+        if v.shape != state[k].shape:
+            raise CheckpointError(f"{weights}: {k} has shape {tuple(state[k].shape)} but the config "
+                                  f"needs {tuple(v.shape)}; re-save the checkpoint")
+    model.load_state_dict(state)
+    model.eval()
+    return model

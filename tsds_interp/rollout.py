@@ -1,0 +1,254 @@
+"""Batched, KV-cached, multi-turn reflective rollouts.
+
+The model writes a candidate (``answer_len`` tokens), then one decision token. ACCEPT ends the
+episode; REJECT starts a new attempt, up to ``budget`` attempts (the last candidate is then final
+whatever the decision says). A non-digit token inside a candidate or a non-decision token at a
+decision position ends the episode as *malformed*: the answer counts as wrong. EOS is appended
+after the last token, so every trajectory fits in ``task.max_len``.
+
+Sampling draws one uniform number per (row, step) from ``seed`` up front and inverts the CDF, so
+the same seed gives the same tokens whether rows are decoded with the KV cache, without it, alone
+or in any batch. Rows that finish leave the batch (and the cache) at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from tsds_interp.model import config_of
+from tsds_interp.task import ACCEPT, EOS, PAD, REJECT, Questions, TaskConfig, \
+    parse_candidate, prompt_tokens, token_roles
+
+# Decision codes in Rollouts.decisions
+ACCEPTED, REJECTED, INVALID, NOT_REACHED = 1, 0, -1, -2
+
+
+@dataclass
+class Rollouts:
+    """A batch of reflective episodes. ``K`` is the attempt budget, ``L`` the candidate length."""
+
+    a: Int[Tensor, " batch"]
+    b: Int[Tensor, " batch"]
+    tokens: Int[Tensor, "batch pos"]
+    roles: Int[Tensor, "batch pos"]
+    logprobs: Float[Tensor, "batch pos"]          # log pi(token | prefix) at temperature 1; 0 if not sampled
+    candidates: Int[Tensor, "batch K L"]          # PAD where not written
+    values: Int[Tensor, "batch K"]                # parsed candidate, -1 if invalid or not written
+    correct: Bool[Tensor, "batch K"]
+    decisions: Int[Tensor, "batch K"]             # ACCEPTED / REJECTED / INVALID / NOT_REACHED
+    n_attempts: Int[Tensor, " batch"]
+    malformed: Bool[Tensor, " batch"]
+    final_correct: Bool[Tensor, " batch"]
+
+    @property
+    def reward(self) -> Float[Tensor, " batch"]:
+        return self.final_correct.float()
+
+    @property
+    def questions(self) -> Questions:
+        return Questions(self.a, self.b)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, idx) -> Rollouts:
+        return Rollouts(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: list[Rollouts]) -> Rollouts:
+        return Rollouts(**{f.name: torch.cat([getattr(p, f.name) for p in parts])
+                           for f in fields(Rollouts)})
+
+
+# ---------------------------------------------------------------- steppers
+
+class CachedStepper:
+    """Runs the model's own weights with a key/value cache: one position per step."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        self.cfg = model.cfg
+        sd = model.state_dict()
+        self.w = {k: v.detach() for k, v in sd.items()}
+        self.n_layers, self.n_heads, self.d_head = self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head
+        act = self.cfg.act_fn
+        self.act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
+                    "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[act]
+        dev = self.w["embed.weight"].device
+        shape = (batch, self.n_heads, max_len, self.d_head)
+        self.k = [torch.empty(shape, device=dev) for _ in range(self.n_layers)]
+        self.v = [torch.empty(shape, device=dev) for _ in range(self.n_layers)]
+        self.len = 0
+
+    def _ln(self, x, name):
+        return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg.eps)
+
+    def _lin(self, x, name):
+        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
+
+    def _forward(self, tokens: Int[Tensor, "batch new"]) -> Float[Tensor, "batch vocab"]:
+        n, new = tokens.shape
+        start, end = self.len, self.len + new
+        x = self.w["embed.weight"][tokens] + self.w["pos_embed.weight"][start:end]
+        split = lambda t: t.view(n, new, self.n_heads, self.d_head).transpose(1, 2)
+        for layer in range(self.n_layers):
+            p = f"blocks.{layer}"
+            h = self._ln(x, f"{p}.ln1")
+            q, k, v = (split(self._lin(h, f"{p}.attn.{m}")) for m in "qkv")
+            self.k[layer][:n, :, start:end] = k
+            self.v[layer][:n, :, start:end] = v
+            keys, vals = self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
+            scores = q @ keys.transpose(-1, -2) / self.d_head**0.5
+            if new > 1:
+                mask = torch.ones(new, end, dtype=torch.bool, device=x.device).triu(start + 1)
+                scores = scores.masked_fill(mask, float("-inf"))
+            z = (scores.softmax(-1) @ vals).transpose(1, 2).reshape(n, new, -1)
+            x = x + self._lin(z, f"{p}.attn.o")
+            h = self._ln(x, f"{p}.ln2")
+            x = x + self._lin(self.act(self._lin(h, f"{p}.mlp.in")), f"{p}.mlp.out")
+        x = self._ln(x[:, -1], "ln_final")
+        self.len = end
+        return self._lin(x, "unembed")
+
+    def prefill(self, prompt: Int[Tensor, "batch p"]) -> Float[Tensor, "batch vocab"]:
+        return self._forward(prompt)
+
+    def step(self, token: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        return self._forward(token[:, None])
+
+    def keep(self, rows: Bool[Tensor, " batch"]) -> None:
+        n = rows.shape[0]
+        for cache in (self.k, self.v):
+            for layer in range(self.n_layers):
+                kept = cache[layer][:n][rows]
+                cache[layer][: kept.shape[0]] = kept
+
+
+class UncachedStepper:
+    """Reference decoder: re-runs the hooked model on the whole prefix for every token."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        self.model = model
+        self.tokens: Tensor | None = None
+
+    def _last_logits(self) -> Tensor:
+        return self.model(self.tokens)[:, -1]
+
+    def prefill(self, prompt):
+        self.tokens = prompt
+        return self._last_logits()
+
+    def step(self, token):
+        self.tokens = torch.cat([self.tokens, token[:, None]], 1)
+        return self._last_logits()
+
+    def keep(self, rows):
+        self.tokens = self.tokens[rows]
+
+
+# ---------------------------------------------------------------- sampling
+
+def sample_tokens(logits: Float[Tensor, "batch vocab"], temperature: float,
+                  u: Float[Tensor, " batch"]) -> Int[Tensor, " batch"]:
+    """Inverse-CDF sample at ``temperature`` from pre-drawn uniforms; greedy when it is 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    cdf = (logits.double() / temperature).softmax(-1).cumsum(-1)
+    return torch.searchsorted(cdf, u.double()[:, None]).squeeze(1).clamp(max=logits.shape[-1] - 1)
+
+
+@torch.no_grad()
+def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budget: int | None = None,
+            temperature: float = 1.0, decision_temperature: float | None = None, seed: int = 0,
+            batch_size: int = 2048, cached: bool = True) -> Rollouts:
+    """Reflective episodes for ``questions``.
+
+    ``temperature`` applies to sample tokens, ``decision_temperature`` (default: the same) to
+    decision tokens; 0 is greedy. ``budget`` overrides the task's attempt budget. ``cached=False``
+    decodes without a KV cache through the hooked model (the reference the cache is tested against).
+    """
+    task = task or config_of(model).task
+    if budget is not None:
+        task = TaskConfig(**{**task.to_dict(), "budget": budget})
+    if len(questions) == 0:
+        raise ValueError("no questions to roll out; pass at least one")
+    if temperature < 0 or (decision_temperature or 0) < 0:
+        raise ValueError("temperatures must be >= 0 (0 = greedy)")
+    dtemp = temperature if decision_temperature is None else decision_temperature
+    n_steps = task.budget * task.attempt_len
+    gen = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(len(questions), n_steps, generator=gen, dtype=torch.float64)
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, len(questions), batch_size):
+        sl = slice(start, start + batch_size)
+        parts.append(_rollout_batch(model, questions[sl], uniforms[sl], task, temperature, dtemp,
+                                    cached, device))
+    return Rollouts.cat(parts)
+
+
+def _rollout_batch(model, q: Questions, uniforms, task: TaskConfig, temp: float, dtemp: float,
+                   cached: bool, device) -> Rollouts:
+    n, K, L, P = len(q), task.budget, task.answer_len, task.prompt_len
+    tokens = torch.full((n, task.max_len), PAD, dtype=torch.long, device=device)
+    tokens[:, :P] = prompt_tokens(q.a, q.b, task).to(device)
+    logprobs = torch.zeros(n, task.max_len, device=device)
+    decisions = torch.full((n, K), NOT_REACHED, dtype=torch.long, device=device)
+    malformed = torch.zeros(n, dtype=torch.bool, device=device)
+    active = torch.arange(n, device=device)
+    uniforms = uniforms.to(device)
+    stepper = (CachedStepper if cached else UncachedStepper)(model, n, task.max_len)
+    logits = stepper.prefill(tokens[:, :P])
+    for t in range(K * task.attempt_len):
+        pos, attempt, offset = P + t, t // task.attempt_len, t % task.attempt_len
+        is_decision = offset == L
+        token = sample_tokens(logits, dtemp if is_decision else temp, uniforms[active, t])
+        tokens[active, pos] = token
+        logprobs[active, pos] = logits.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+        if is_decision:
+            valid = (token == ACCEPT) | (token == REJECT)
+            decisions[active, attempt] = torch.where(
+                valid, (token == ACCEPT).long(), torch.full_like(token, INVALID))
+            finished = (token != REJECT) | (attempt == K - 1)
+            bad = ~valid
+        else:
+            bad = token > 9
+            finished = bad
+        malformed[active[bad]] = True
+        if finished.any():
+            ends = active[finished & (token != EOS)]  # a model that wrote EOS itself needs no other
+            tokens[ends, pos + 1] = EOS
+            active = active[~finished]
+            stepper.keep(~finished)
+            token = token[~finished]
+        if len(active) == 0 or t == K * task.attempt_len - 1:
+            break
+        logits = stepper.step(token)
+    return _summarize(q, tokens.cpu(), logprobs.cpu(), decisions.cpu(), malformed.cpu(), task)
+
+
+def _summarize(q: Questions, tokens, logprobs, decisions, malformed, task: TaskConfig) -> Rollouts:
+    n, K, L, P = len(q), task.budget, task.answer_len, task.prompt_len
+    attempts = tokens[:, P : P + K * task.attempt_len].reshape(n, K, task.attempt_len)
+    candidates = attempts[:, :, :L]
+    written = decisions != NOT_REACHED
+    # A malformed candidate (episode ended inside it) is also written: its first token exists.
+    written |= (candidates[:, :, 0] != PAD) & (candidates[:, :, 0] != EOS)
+    values = parse_candidate(candidates.reshape(n * K, L), task).reshape(n, K)
+    values = torch.where(written, values, torch.full_like(values, -1))
+    candidates = torch.where(written[:, :, None], candidates, torch.full_like(candidates, PAD))
+    correct = written & (values == (q.a * q.b)[:, None])
+    n_attempts = written.sum(1)
+    last = (n_attempts - 1).clamp(min=0)
+    final_correct = correct[torch.arange(n), last] & ~malformed
+    return Rollouts(a=q.a, b=q.b, tokens=tokens, roles=token_roles(tokens, task), logprobs=logprobs,
+                    candidates=candidates, values=values, correct=correct, decisions=decisions,
+                    n_attempts=n_attempts, malformed=malformed, final_correct=final_correct)
+
+
+__all__ = ["Rollouts", "rollout", "sample_tokens", "CachedStepper", "UncachedStepper",
+           "ACCEPTED", "REJECTED", "INVALID", "NOT_REACHED"]

@@ -1,0 +1,269 @@
+"""The reflective multiplication task: vocabulary, questions, trajectory format, roles, checker.
+
+A trajectory is ``BOS a * b = s_1 d_1 s_2 d_2 ... s_k d_k EOS PAD...`` where
+
+- operands are written most-significant digit first, zero-padded to ``width`` digits, so every
+  prompt has the same length (``prompt_len = 2 * width + 3``);
+- a candidate ``s_i`` is exactly ``answer_len = 2 * width`` digit tokens: the product, zero-padded,
+  least-significant digit first by default (``answer_order="reversed"``, the order in which
+  long multiplication produces digits, which small transformers learn far more easily) or
+  most-significant first (``answer_order="forward"``);
+- a decision ``d_i`` is one ACCEPT or REJECT token. The episode ends at the first ACCEPT or after
+  ``budget`` attempts; EOS is then appended (it is not a model choice) and the rest is PAD.
+
+Because every candidate has the same length, the role of a position (prompt, sample, decision,
+end, pad) is fixed by the format: :func:`token_roles` is the one function that says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+DIGITS = [str(i) for i in range(10)]
+VOCAB: tuple[str, ...] = (*DIGITS, "*", "=", "<bos>", "<eos>", "<pad>", "<accept>", "<reject>")
+TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
+MUL, EQ, BOS, EOS, PAD, ACCEPT, REJECT = (
+    TOKEN_ID[t] for t in ("*", "=", "<bos>", "<eos>", "<pad>", "<accept>", "<reject>")
+)
+
+# Token roles. Sample and decision are the two stages of the DS hypothesis.
+PROMPT, SAMPLE, DECISION, END, PADDING = 0, 1, 2, 3, 4
+ROLE_NAMES = ("prompt", "sample", "decision", "end", "pad")
+
+Cell = tuple[int, int]
+
+
+def _default_train_cells() -> tuple[Cell, ...]:
+    return ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (2, 3), (3, 2))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Everything that fixes the token format and the question distribution.
+
+    ``train_cells`` are the in-distribution difficulty cells (digits of a, digits of b); a
+    deterministic hash of each question puts ``test_fraction`` of them in the held-out test split.
+    ``ood_cells`` are never trained on.
+    """
+
+    width: int = 3
+    budget: int = 3
+    answer_order: Literal["reversed", "forward"] = "reversed"
+    train_cells: tuple[Cell, ...] = field(default_factory=_default_train_cells)
+    ood_cells: tuple[Cell, ...] = ((3, 3),)
+    test_fraction: float = 0.1
+
+    def __post_init__(self):
+        object.__setattr__(self, "train_cells", tuple(tuple(c) for c in self.train_cells))
+        object.__setattr__(self, "ood_cells", tuple(tuple(c) for c in self.ood_cells))
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1 attempt, got {self.budget}")
+        if self.answer_order not in ("reversed", "forward"):
+            raise ValueError(f"answer_order must be 'reversed' or 'forward', got {self.answer_order!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        for da, db in (*self.train_cells, *self.ood_cells):
+            if not (1 <= da <= self.width and 1 <= db <= self.width):
+                raise ValueError(f"cell ({da}, {db}) needs operands of at most width={self.width} digits")
+        if not self.train_cells:
+            raise ValueError("train_cells is empty: give at least one (digits_a, digits_b) cell")
+
+    @property
+    def prompt_len(self) -> int:
+        return 2 * self.width + 3
+
+    @property
+    def answer_len(self) -> int:
+        return 2 * self.width
+
+    @property
+    def attempt_len(self) -> int:
+        """Tokens per attempt: the candidate plus its decision."""
+        return self.answer_len + 1
+
+    @property
+    def max_len(self) -> int:
+        """Length of a full-budget trajectory including the final EOS."""
+        return self.prompt_len + self.budget * self.attempt_len + 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TaskConfig:
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- encode / decode
+
+def encode(text: str) -> list[int]:
+    """Tokens of a space-separated string of vocabulary items (``"<bos> 1 2 * 3 ="``)."""
+    try:
+        return [TOKEN_ID[t] for t in text.split()]
+    except KeyError as e:
+        raise ValueError(f"unknown token {e.args[0]!r}; the vocabulary is {' '.join(VOCAB)}") from None
+
+
+def decode(tokens) -> str:
+    """Inverse of :func:`encode`."""
+    ids = tokens.tolist() if isinstance(tokens, Tensor | np.ndarray) else list(tokens)
+    return " ".join(VOCAB[i] for i in ids)
+
+
+# ---------------------------------------------------------------- questions
+
+def _digits(n: Int[Tensor, " n"], width: int) -> Int[Tensor, "n width"]:
+    """Most-significant-first decimal digits, zero-padded."""
+    powers = 10 ** torch.arange(width - 1, -1, -1)
+    return (n[:, None] // powers) % 10
+
+
+def prompt_tokens(a: Int[Tensor, " n"], b: Int[Tensor, " n"], task: TaskConfig) -> Int[Tensor, "n p"]:
+    n = a.shape[0]
+    col = lambda tok: torch.full((n, 1), tok, dtype=torch.long)
+    return torch.cat([col(BOS), _digits(a, task.width), col(MUL), _digits(b, task.width), col(EQ)], 1)
+
+
+def answer_tokens(c: Int[Tensor, " n"], task: TaskConfig) -> Int[Tensor, "n answer"]:
+    digits = _digits(c, task.answer_len)
+    return digits.flip(1) if task.answer_order == "reversed" else digits
+
+
+def parse_candidate(cand: Int[Tensor, "n answer"], task: TaskConfig) -> Int[Tensor, " n"]:
+    """Integer value of each candidate; -1 where it holds a non-digit token."""
+    digits = cand.flip(1) if task.answer_order == "reversed" else cand
+    valid = (digits <= 9).all(1)
+    powers = 10 ** torch.arange(task.answer_len - 1, -1, -1)
+    value = (digits.clamp(max=9) * powers).sum(1)
+    return torch.where(valid, value, torch.full_like(value, -1))
+
+
+def check(a: Int[Tensor, " n"], b: Int[Tensor, " n"], cand: Int[Tensor, "n answer"], task: TaskConfig
+          ) -> Bool[Tensor, " n"]:
+    """Exact checker: is the candidate the product a*b?"""
+    return parse_candidate(cand, task) == a * b
+
+
+def _in_test_split(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
+    keys = [hashlib.blake2b(f"{x}*{y}".encode(), digest_size=4).digest() for x, y in zip(a, b)]
+    u = np.array([int.from_bytes(k, "little") for k in keys]) / 2**32
+    return u < fraction
+
+
+@dataclass(frozen=True)
+class Questions:
+    """A batch of questions with their difficulty cell."""
+
+    a: Int[Tensor, " n"]
+    b: Int[Tensor, " n"]
+
+    @property
+    def cells(self) -> list[Cell]:
+        return list(zip(num_digits(self.a).tolist(), num_digits(self.b).tolist()))
+
+    def __len__(self) -> int:
+        return self.a.shape[0]
+
+    def __getitem__(self, idx) -> Questions:
+        return Questions(self.a[idx], self.b[idx])
+
+    def repeat_interleave(self, g: int) -> Questions:
+        return Questions(self.a.repeat_interleave(g), self.b.repeat_interleave(g))
+
+
+def num_digits(n: Int[Tensor, " n"]) -> Int[Tensor, " n"]:
+    return torch.where(n > 0, torch.floor(torch.log10(n.clamp(min=1).double())).long() + 1, 1)
+
+
+Split = Literal["train", "test", "ood"]
+
+
+def sample_questions(task: TaskConfig, split: Split, n: int, seed: int,
+                     cells: tuple[Cell, ...] | None = None) -> Questions:
+    """``n`` questions spread evenly over the split's cells (``train``/``test``: ``train_cells``,
+    ``ood``: ``ood_cells``), reproducible from ``seed``. Train and test never share a question."""
+    if split not in ("train", "test", "ood"):
+        raise ValueError(f"split must be 'train', 'test' or 'ood', got {split!r}")
+    if n < 1:
+        raise ValueError(f"asked for {n} questions; ask for at least 1")
+    cells = cells or (task.ood_cells if split == "ood" else task.train_cells)
+    if not cells:
+        raise ValueError(f"the task has no cells for split {split!r}")
+    rng = np.random.default_rng(seed)
+    per_cell = np.full(len(cells), n // len(cells))
+    per_cell[: n % len(cells)] += 1
+    a_all, b_all = [], []
+    for (da, db), k in zip(cells, per_cell):
+        lo_a, hi_a = (1 if da == 1 else 10 ** (da - 1)), 10**da
+        lo_b, hi_b = (1 if db == 1 else 10 ** (db - 1)), 10**db
+        got_a, got_b = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        while len(got_a) < k:
+            a = rng.integers(lo_a, hi_a, size=4 * k + 16)
+            b = rng.integers(lo_b, hi_b, size=4 * k + 16)
+            if split != "ood":
+                keep = _in_test_split(a, b, task.test_fraction) == (split == "test")
+                a, b = a[keep], b[keep]
+            got_a, got_b = np.concatenate([got_a, a]), np.concatenate([got_b, b])
+        a_all.append(got_a[:k])
+        b_all.append(got_b[:k])
+    return Questions(torch.from_numpy(np.concatenate(a_all)), torch.from_numpy(np.concatenate(b_all)))
+
+
+# ---------------------------------------------------------------- trajectories and roles
+
+def token_roles(tokens: Int[Tensor, "batch pos"], task: TaskConfig) -> Int[Tensor, "batch pos"]:
+    """Role of every token: PROMPT, SAMPLE, DECISION, END or PADDING.
+
+    The format fixes it: the first ``prompt_len`` tokens are the prompt; after it, each attempt is
+    ``answer_len`` sample tokens and one decision token. EOS and PAD tokens outside the prompt are
+    END and PADDING wherever they stand (a model that writes them mid-candidate is still sampling,
+    but its episode is over, see :mod:`tsds_interp.rollout`).
+    """
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
+    offset = pos - task.prompt_len
+    in_attempt = offset.remainder(task.attempt_len)
+    role = torch.where(in_attempt == task.answer_len, DECISION, SAMPLE)
+    role = torch.where(offset < 0, PROMPT, role).expand_as(tokens).clone()
+    after_prompt = offset >= 0
+    role[(tokens == EOS) & after_prompt] = END
+    role[(tokens == PAD) & after_prompt] = PADDING
+    # Everything after the first EOS/PAD is over.
+    done = torch.cumsum((role == END) | (role == PADDING), 1) > 0
+    role[done & (role != END)] = PADDING
+    return role
+
+
+def role_mask(roles: Int[Tensor, "batch pos"], role: int) -> Bool[Tensor, "batch pos"]:
+    return roles == role
+
+
+def build_trajectories(a: Int[Tensor, " n"], b: Int[Tensor, " n"],
+                       candidates: list[Int[Tensor, " n"]], decisions: list[Int[Tensor, " n"]],
+                       task: TaskConfig) -> Int[Tensor, "n pos"]:
+    """Tokens of trajectories from integer candidates and decision tokens, one entry per attempt.
+
+    Rows whose decision in an attempt is ACCEPT end there (EOS then PAD); the caller makes the
+    last attempt's decision whatever it likes. Every row is padded to ``task.max_len``.
+    """
+    n = a.shape[0]
+    out = torch.full((n, task.max_len), PAD, dtype=torch.long)
+    out[:, : task.prompt_len] = prompt_tokens(a, b, task)
+    alive = torch.ones(n, dtype=torch.bool)
+    pos = task.prompt_len
+    for cand, dec in zip(candidates, decisions):
+        out[alive, pos : pos + task.answer_len] = answer_tokens(cand, task)[alive]
+        out[alive, pos + task.answer_len] = dec[alive]
+        pos += task.attempt_len
+        alive = alive & (dec == REJECT)
+    end = (out != PAD).sum(1)
+    out[torch.arange(n), end.clamp(max=task.max_len - 1)] = EOS
+    return out

@@ -266,6 +266,8 @@ class Trainer:
         state = json.loads((self.ckpt / "train_state.json").read_text())
         self.step = state["step"]
         self.sched.last_epoch = state["scheduler_last_epoch"]
+        for group, base_lr, f in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
+            group["lr"] = base_lr * f(self.sched.last_epoch)
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         torch.set_rng_state(load_file(str(self.ckpt / "rng.safetensors"))["torch_rng"])
         log = self.out / "log.jsonl"

@@ -1,0 +1,34 @@
+import torch
+
+from tsds_interp.ablation import ablation_hook, ablation_sweep, main, rollout_with_hooks
+from tsds_interp.model import ModelConfig, build_model
+from tsds_interp.rollout import rollout
+from tsds_interp.task import sample_questions
+
+
+def test_zero_wo_head_ablation_changes_nothing(trained_tiny):
+    from tsds_interp.model import load
+    paths, _ = trained_tiny
+    model = load(paths["sft"])
+    with torch.no_grad():
+        model.blocks[1].attn.o.weight[:, 16:32] = 0  # head 1 of layer 1 (d_head 16) writes nothing
+    q = sample_questions(model.tsds_config.task, "test", 64, seed=0)
+    base = rollout(model, q, seed=3)
+    for mode_hook in (ablation_hook(1, None), ablation_hook(1, torch.randn(1, 20, 16))):
+        ablated = rollout_with_hooks(model, q, [("blocks.1.attn.hook_z", mode_hook)], seed=3)
+        assert torch.equal(base.tokens, ablated.tokens)
+    assert not any(h.fwd_hooks for h in model.hook_dict.values())
+
+
+def test_sweep_labels_every_component(tiny_cfg):
+    model = build_model(tiny_cfg)
+    df = ablation_sweep(model, n_questions=16, mode="mean", quiet=True)
+    n_comp = tiny_cfg.n_layers * (tiny_cfg.n_heads + 1)
+    assert df.component.nunique() == n_comp
+    assert set(df.label) <= {"decision", "sampling", "both", "neither"}
+    assert ((df.lo <= df.delta + 1e-9) & (df.delta <= df.hi + 1e-9)).all()
+
+
+def test_ablation_cli_errors(tmp_path):
+    assert main(["--checkpoint", str(tmp_path / "none")]) == 2
+    assert main(["--checkpoint", str(tmp_path), "--questions", "0"]) == 2

@@ -1,0 +1,144 @@
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from transformer_lens.tools.analysis.attribution_patching import Node, attribution_patch as tl_attr
+
+from tsds_interp.model import ModelConfig, build_model, save
+from tsds_interp.patch import main as patch_main
+from tsds_interp.patching import (
+    activation_patch, attribution_patch, decision_pairs, normalized, sampling_pairs,
+)
+
+TL = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
+      "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
+      "head_pos": tlp.get_act_patch_attn_head_out_by_pos}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cfg):
+    return build_model(ModelConfig(**{**tiny_cfg.to_dict(), "seed": 3}))
+
+
+@pytest.fixture(scope="module")
+def pairs(model):
+    return sampling_pairs(model.tsds_config.task, 5, seed=0)
+
+
+def _no_hooks(model):
+    return not any(h.fwd_hooks or h.bwd_hooks for h in model.hook_dict.values())
+
+
+@pytest.mark.parametrize("grid", list(TL))
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_batched_patching_equals_transformer_lens(model, pairs, grid, direction):
+    base, source = (pairs.corrupted, pairs.clean) if direction == "denoise" else (pairs.clean, pairs.corrupted)
+    _, source_cache = model.run_with_cache(source)
+    ref = TL[grid](model, base, source_cache, pairs.metric)
+    ours = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction,
+                            memory_mb=0.05)  # tiny budget: exercises chunking
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() <= 1e-4
+    assert _no_hooks(model)
+
+
+def test_decision_pairs_equal_transformer_lens(model):
+    pairs = decision_pairs(model, model.tsds_config.task, 6, seed=1)
+    assert set(pairs.origin) <= {"model", "corruption"}
+    assert not torch.equal(pairs.clean, pairs.corrupted)
+    _, cache = model.run_with_cache(pairs.clean)
+    ref = TL["head_pos"](model, pairs.corrupted, cache, pairs.metric)
+    ours = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_clean_into_clean_is_one_and_corrupted_into_corrupted_is_zero(model, pairs):
+    clean_v = pairs.metric(model(pairs.clean)).item()
+    corr_v = pairs.metric(model(pairs.corrupted)).item()
+    same_clean = activation_patch(model, pairs.clean, pairs.clean, pairs.metric, "head_pos")
+    same_corr = activation_patch(model, pairs.corrupted, pairs.corrupted, pairs.metric, "head_pos")
+    assert torch.allclose(normalized(same_clean, clean_v, corr_v, "denoise"), torch.tensor(1.0), atol=1e-4)
+    assert torch.allclose(normalized(same_corr, clean_v, corr_v, "denoise"), torch.tensor(0.0), atol=1e-4)
+    # resid_pre at the last layer and every position is the whole clean run
+    full = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "resid_pre")
+    assert normalized(full, clean_v, corr_v, "denoise")[0].max() < 1.5
+
+
+def test_attribution_agrees_with_transformer_lens_nodes(model, pairs):
+    model.eval()
+    per_example = lambda logits: pairs.metric_per_pair(logits).sum()
+    ref = tl_attr(model, pairs.clean, pairs.corrupted, per_example).node_scores
+    ours_z = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
+    ours_mlp = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "mlp_out")
+    for node, score in ref.items():
+        if node.kind == "attn_head_out":
+            assert ours_z[node.layer, node.position, node.head].item() == pytest.approx(score, abs=1e-5)
+        elif node.kind == "mlp_out":
+            assert ours_mlp[node.layer, node.position].item() == pytest.approx(score, abs=1e-5)
+    assert any(n.kind == "attn_head_out" for n in ref) and isinstance(next(iter(ref)), Node)
+    assert _no_hooks(model)
+
+
+def test_attribution_is_exact_when_metric_is_linear(model, pairs):
+    """Metric = a linear read of the last layer's resid_pre: attribution equals exact patching."""
+    last = model.cfg.n_layers - 1
+    name = f"blocks.{last}.hook_resid_pre"
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    store = {}
+
+    def grab(act, hook):
+        store["x"] = act
+        return act
+
+    def metric(logits):
+        return (store["x"] @ direction).mean()
+
+    with model.hooks(fwd_hooks=[(name, grab)]):
+        exact = activation_patch(model, pairs.clean, pairs.corrupted, metric, "resid_pre")
+        attr = attribution_patch(model, pairs.clean, pairs.corrupted, metric, "resid_pre")
+        base = metric(model(pairs.corrupted)).item()
+    model.reset_hooks()
+    assert torch.allclose(attr[last], exact[last] - base, atol=1e-4)
+
+
+def test_integrated_gradients_runs_and_tracks_exact(model, pairs):
+    exact = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head")
+    base = pairs.metric(model(pairs.corrupted)).item()
+    ig = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head", ig_steps=4)
+    corr = torch.corrcoef(torch.stack([ig.flatten(), (exact - base).flatten()]))[0, 1]
+    assert corr > 0.8
+    assert _no_hooks(model)
+
+
+def test_hooks_removed_when_metric_raises(model, pairs):
+    def bad(logits):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        attribution_patch(model, pairs.clean, pairs.corrupted, bad, "head")
+    assert _no_hooks(model)
+
+
+def test_unknown_grid_and_shape_errors(model, pairs):
+    with pytest.raises(ValueError, match="unknown patching grid"):
+        activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "attn_pattern")
+    with pytest.raises(ValueError, match="same shape"):
+        activation_patch(model, pairs.clean, pairs.corrupted[:, :-1], pairs.metric)
+
+
+def test_patch_cli(model, tmp_path, capsys):
+    save(model, tmp_path / "ck")
+    out = tmp_path / "out"
+    assert patch_main(["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "top decision components" in text and "top sampling components" in text
+    assert {"patching.csv", "run.json", "decision_head.png", "sampling_head.png"} <= {p.name for p in out.iterdir()}
+    assert patch_main(["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--out", str(out),
+                       "--method", "attribution", "--granularity", "layer", "--function", "sampling"]) == 0
+
+
+def test_patch_cli_errors(tmp_path, capsys):
+    assert patch_main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no checkpoint folder" in capsys.readouterr().err
+    assert patch_main(["--checkpoint", str(tmp_path), "--pairs", "0"]) == 2
+    with pytest.raises(SystemExit) as e:
+        patch_main(["--method", "magic"])
+    assert e.value.code == 2

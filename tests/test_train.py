@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from tsds_interp.data import reflective_sft_data, solution_batch
+from tsds_interp.model import load
+from tsds_interp.task import ACCEPT, REJECT, token_roles
+from tsds_interp.train import Trainer, main, preset_config, train_stage
+
+
+def test_tiny_pipeline_runs_and_rl_raises_reward(trained_tiny):
+    paths, out = trained_tiny
+    rows = [json.loads(r) for r in (out / "rl" / "log.jsonl").read_text().splitlines()]
+    evals = [r["eval_realized_accuracy"] for r in rows if "eval_realized_accuracy" in r]
+    sft_final = [json.loads(r) for r in (out / "sft" / "log.jsonl").read_text().splitlines()][-1]
+    start = sft_final["eval_realized_accuracy"]  # the RL stage starts from this model
+    assert evals[-1] > start
+    for name in ("base", "sft", "rl"):
+        assert (out / name / "metrics.csv").is_file()
+        load(paths[name])
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg = preset_config("tiny", "pretrain", steps=12, ckpt_every=100, eval_every=100, log_every=4)
+    straight = load(train_stage(cfg, tmp_path / "a", quiet=True))
+    from tsds_interp.train import Interrupted
+    with pytest.raises(Interrupted):
+        train_stage(cfg, tmp_path / "b", quiet=True, stop_after=5)
+    resumed = load(train_stage(cfg, tmp_path / "b", quiet=True, resume=True))
+    for (k, v), w in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(v, w), k
+    steps = [json.loads(r)["step"] for r in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))
+
+
+def test_rl_resume_is_bit_exact(trained_tiny, tmp_path):
+    paths, _ = trained_tiny
+    cfg = preset_config("tiny", "rl", steps=4, ckpt_every=100, eval_every=100, log_every=2)
+    straight = load(train_stage(cfg, tmp_path / "a", init=paths["sft"], quiet=True))
+    from tsds_interp.train import Interrupted
+    with pytest.raises(Interrupted):
+        train_stage(cfg, tmp_path / "b", init=paths["sft"], quiet=True, stop_after=2)
+    resumed = load(train_stage(cfg, tmp_path / "b", init=paths["sft"], quiet=True, resume=True))
+    assert all(torch.equal(v, w) for v, w in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_solution_batch_is_correct_and_accepted():
+    cfg = preset_config("tiny", "pretrain")
+    task = cfg.task()
+    tokens = solution_batch(task, 8, seed=0)
+    roles = token_roles(tokens, task)
+    assert ((tokens == ACCEPT).sum(1) == 1).all() and not (tokens == REJECT).any()
+    assert (roles == 2).sum().item() == 8
+
+
+def test_reflective_sft_mix(trained_tiny):
+    paths, _ = trained_tiny
+    model = load(paths["base"])
+    task = model.tsds_config.task
+    data = reflective_sft_data(model, task, 512, seed=0, first_right_fraction=0.5)
+    first_right = (data[:, task.prompt_len + task.answer_len] == ACCEPT).float().mean().item()
+    assert first_right == pytest.approx(0.5, abs=0.01)
+    # every trajectory ends with ACCEPT of the right answer or at the budget
+    assert ((data == ACCEPT).sum(1) == 1).all()
+
+
+def test_existing_output_needs_resume(tmp_path):
+    cfg = preset_config("tiny", "pretrain", steps=2, eval_every=100, log_every=1)
+    train_stage(cfg, tmp_path / "a", quiet=True)
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "a"), "--steps", "2",
+                 "--quiet"]) == 2
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["sft", "--preset", "tiny", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "y"), "--weighting", "odd"]) == 2
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "z"), "--resume"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--preset", "huge", "--out", str(tmp_path)])
+    assert e.value.code == 2
+
+
+def test_trainer_role_grad_norms_logged(tmp_path):
+    cfg = preset_config("tiny", "pretrain", steps=2, log_every=1, eval_every=100)
+    t = Trainer(cfg, tmp_path)
+    t.run()
+    row = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert row["grad_norm_sample"] > 0 and row["grad_norm_decision"] > 0

@@ -1,0 +1,168 @@
+"""Head and MLP ablation during full reflective rollouts, scored with the DS metrics.
+
+``python -m tsds_interp.ablation --checkpoint DIR_OR_NAME [--mode zero|mean|resample]``
+
+Each component (a head's ``hook_z``, a layer's ``hook_mlp_out``) is replaced, at every position of
+every decoding step, by zero, by its per-position mean over reference trajectories (the model's
+own rollouts on other questions), or by its value on one of those reference trajectories
+(resample). Rollouts run through the hooked model (no KV cache), with the same questions and
+seed as the unablated baseline, so differences come from the ablation alone.
+
+Labelling rule (documented in README): a component is *sampling* if ablating it moves p_s by at
+least ``threshold`` with a 95% interval excluding 0; *decision* if it so moves p_{d|C} or p_{d|W};
+*both* if both hold; *neither* otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from tsds_interp.metrics import Z95, ds_metrics
+from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint
+from tsds_interp.patching import check_hook_names
+from tsds_interp.plotting import heatmap
+from tsds_interp.rollout import rollout
+from tsds_interp.task import sample_questions
+
+MODES = ("zero", "mean", "resample")
+SCORED = ("p_s", "p_d_given_c", "p_d_given_w", "realized_accuracy")
+
+
+def components(model) -> list[tuple[str, int, int | None]]:
+    """(hook name, layer, head or None) for every head and MLP."""
+    out = []
+    for layer in range(model.cfg.n_layers):
+        out += [(f"blocks.{layer}.attn.hook_z", layer, h) for h in range(model.cfg.n_heads)]
+        out.append((f"blocks.{layer}.hook_mlp_out", layer, None))
+    return out
+
+
+def _replacement(model, name: str, head: int | None, mode: str, reference: torch.Tensor):
+    if mode == "zero":
+        return None
+    with torch.no_grad():
+        _, cache = model.run_with_cache(reference, names_filter=lambda n: n == name)
+    act = cache[name] if head is None else cache[name][:, :, head]
+    if mode == "mean":
+        return act.mean(0, keepdim=True)
+    perm = torch.randperm(act.shape[0], generator=torch.Generator().manual_seed(0))
+    return act[perm]
+
+
+def ablation_hook(head: int | None, replacement: torch.Tensor | None):
+    """Forward hook replacing a component's activation (rows cycle through the replacement)."""
+    def hook(act, hook):
+        act = act.clone()
+        target = act if head is None else act[:, :, head]
+        if replacement is None:
+            target.zero_()
+        else:
+            n, t = target.shape[:2]
+            rows = torch.arange(n) % replacement.shape[0]
+            target.copy_(replacement[rows, :t].expand_as(target) if replacement.shape[0] > 1
+                         else replacement[:, :t].expand_as(target))
+        return act
+    return hook
+
+
+def rollout_with_hooks(model, questions, fwd_hooks, **kw):
+    """Reflective rollouts with forward hooks attached (uncached decode through the hooks)."""
+    try:
+        with model.hooks(fwd_hooks=fwd_hooks):
+            return rollout(model, questions, cached=False, **kw)
+    finally:
+        model.reset_hooks(including_permanent=False)
+
+
+def _diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
+    """Difference b - a of two proportions with a normal-approximation 95% interval."""
+    d = b.value - a.value
+    se = np.sqrt(b.value * (1 - b.value) / max(b.n, 1) + a.value * (1 - a.value) / max(a.n, 1))
+    return d, d - Z95 * se, d + Z95 * se
+
+
+def ablation_sweep(model, n_questions: int = 256, mode: str = "zero", seed: int = 0,
+                   temperature: float = 1.0, threshold: float = 0.05, quiet: bool = False
+                   ) -> pd.DataFrame:
+    """One row per (component, metric): baseline, ablated, delta with 95% CI, and the label."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    task = config_of(model).task
+    q = sample_questions(task, "test", n_questions, seed=seed + 5)
+    kw = dict(task=task, temperature=temperature, seed=seed)
+    base = ds_metrics(rollout(model, q, **kw)).query("cell == 'all'").set_index("metric")
+    reference = rollout(model, sample_questions(task, "train", 128, seed=seed + 6), **kw).tokens
+    rows = []
+    comps = components(model)
+    check_hook_names(model, sorted({c[0] for c in comps}))
+    for name, layer, head in tqdm(comps, desc=f"{mode} ablation", disable=quiet):
+        hook = ablation_hook(head, _replacement(model, name, head, mode, reference))
+        m = ds_metrics(rollout_with_hooks(model, q, [(name, hook)], **kw)).query("cell == 'all'")
+        m = m.set_index("metric")
+        for metric in SCORED:
+            d, lo, hi = _diff_ci(base.loc[metric], m.loc[metric])
+            rows.append(dict(component=f"L{layer}H{head}" if head is not None else f"L{layer}.mlp",
+                             layer=layer, head=-1 if head is None else head, mode=mode, metric=metric,
+                             baseline=base.loc[metric].value, ablated=m.loc[metric].value,
+                             delta=d, lo=lo, hi=hi))
+    df = pd.DataFrame(rows)
+    return df.merge(label_components(df, threshold), on="component")
+
+
+def label_components(df: pd.DataFrame, threshold: float = 0.05) -> pd.DataFrame:
+    """decision / sampling / both / neither per component, by the rule in the module docstring."""
+    sig = df.assign(s=(df.delta.abs() >= threshold) & ((df.lo > 0) | (df.hi < 0)))
+    out = []
+    for comp, part in sig.groupby("component", sort=False):
+        s = part.set_index("metric").s
+        samp = bool(s.get("p_s", False))
+        dec = bool(s.get("p_d_given_c", False) or s.get("p_d_given_w", False))
+        out.append(dict(component=comp, label={(True, True): "both", (True, False): "sampling",
+                                               (False, True): "decision"}.get((samp, dec), "neither")))
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tsds_interp.ablation", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="rl", help="checkpoint folder or shipped name")
+    p.add_argument("--mode", default="zero", choices=MODES)
+    p.add_argument("--questions", type=int, default=256)
+    p.add_argument("--threshold", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if args.questions < 1:
+            raise ValueError(f"--questions must be >= 1, got {args.questions}")
+        model = load(resolve_checkpoint(args.checkpoint), device=args.device)
+        df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
+                            quiet=args.quiet)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "ablation.csv", index=False)
+    for metric in SCORED:
+        part = df[df.metric == metric].assign(head=lambda d: d["head"].map(lambda h: "mlp" if h < 0 else f"H{h}"))
+        heatmap(part, "layer", "head", out / f"ablation_{args.mode}_{metric}.png",
+                f"{args.mode} ablation: change in {metric}", value="delta")
+    wide = df.pivot_table(index=["component", "label"], columns="metric", values="delta", sort=False)
+    print(f"{args.mode} ablation of {args.checkpoint}, {args.questions} questions: change vs baseline")
+    print(wide[list(SCORED)].round(3).to_string())
+    print(f"\nwrote {out}/ablation.csv and heatmaps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

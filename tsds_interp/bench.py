@@ -1,0 +1,216 @@
+"""``python -m tsds_interp.bench [ENTRY ...] [--json FILE] [--quick]``: side-by-side speed ratios.
+
+Entries: ``rollout`` (our KV-cached reflective sampler vs TransformerLens ``generate``), ``train``
+(a hooked training step vs a plain PyTorch model of the same architecture), ``patching`` (exact
+and attribution head x position sweeps vs ``transformer_lens.patching``). Each comparison runs
+both sides alternately in one process, several times, and reports medians; ``ratio`` is always
+reference time / ours except for ``train`` (hooked / plain: lower is better there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tsds_interp.model import ModelConfig, build_model, load, shipped_names
+
+
+def _timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, run alternately after one warm-up call each."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _bench_model():
+    """The shipped RL model when there is one, else a freshly built small model."""
+    if "rl" in shipped_names():
+        return load("rl"), "shipped rl"
+    return build_model(ModelConfig()), "untrained small config"
+
+
+# ---------------------------------------------------------------- rollout
+
+def bench_rollout(quick: bool) -> dict:
+    from tsds_interp.rollout import rollout
+    from tsds_interp.task import prompt_tokens, sample_questions
+
+    model, which = _bench_model()
+    task = model.tsds_config.task
+    batch = 64 if quick else 256
+    q = sample_questions(task, "test", batch, seed=0)
+    prompts = prompt_tokens(q.a, q.b, task)
+    new = task.budget * task.attempt_len
+    ours_tokens = {}
+
+    def ours():
+        r = rollout(model, q, temperature=1.0, seed=0)
+        ours_tokens["n"] = int((r.roles[:, task.prompt_len:] <= 3).sum())
+
+    def tl_generate(cache: bool):
+        return lambda: model.generate(prompts, max_new_tokens=new, stop_at_eos=False, do_sample=True,
+                                      temperature=1.0, use_past_kv_cache=cache, verbose=False)
+
+    t = _timed({"ours": ours, "tl_cache": tl_generate(True), "tl_nocache": tl_generate(False)},
+               2 if quick else 5)
+    ref_name = min(("tl_cache", "tl_nocache"), key=t.get)
+    ours_tps = ours_tokens["n"] / t["ours"]
+    ref_tps = batch * new / t[ref_name]
+    return {"rollout": {
+        "ours_s": t["ours"], "reference_s": t[ref_name], "ratio": ours_tps / ref_tps,
+        "ours_tokens_per_s": ours_tps, "reference_tokens_per_s": ref_tps,
+        "wall_ratio": t[ref_name] / t["ours"],
+        "reference": f"TransformerBridge.generate ({ref_name.replace('tl_', '')} KV cache, the faster; "
+                     f"cache {t['tl_cache']:.3f}s, no cache {t['tl_nocache']:.3f}s), {new} new tokens "
+                     f"x {batch} rows; ours stops episodes at ACCEPT, so ratio is tokens/s",
+        "model": which, "batch": batch}}
+
+
+# ---------------------------------------------------------------- train
+
+class PlainTransformer(nn.Module):
+    """The hooked model's architecture in plain PyTorch, attention explicit or fused."""
+
+    def __init__(self, state: dict[str, torch.Tensor], cfg, fused: bool = False):
+        super().__init__()
+        self.params = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.clone())
+                                        for k, v in state.items()})
+        self.cfg, self.fused = cfg, fused
+
+    def w(self, name):
+        return self.params[name.replace(".", "__")]
+
+    def _ln(self, x, name):
+        return F.layer_norm(x, x.shape[-1:], self.w(f"{name}.weight"), self.w(f"{name}.bias"), 1e-5)
+
+    def _lin(self, x, name):
+        return F.linear(x, self.w(f"{name}.weight"), self.w(f"{name}.bias"))
+
+    def forward(self, tokens):
+        n, t = tokens.shape
+        h, dh = self.cfg.n_heads, self.cfg.d_head
+        x = self.w("embed.weight")[tokens] + self.w("pos_embed.weight")[:t]
+        mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+        for layer in range(self.cfg.n_layers):
+            p = f"blocks.{layer}"
+            y = self._ln(x, f"{p}.ln1")
+            q, k, v = (self._lin(y, f"{p}.attn.{m}").view(n, t, h, dh).transpose(1, 2) for m in "qkv")
+            if self.fused:
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                scores = (q @ k.transpose(-1, -2) / math.sqrt(dh)).masked_fill(mask, float("-inf"))
+                z = scores.softmax(-1) @ v
+            x = x + self._lin(z.transpose(1, 2).reshape(n, t, -1), f"{p}.attn.o")
+            y = self._ln(x, f"{p}.ln2")
+            x = x + self._lin(F.gelu(self._lin(y, f"{p}.mlp.in")), f"{p}.mlp.out")
+        return self._lin(self._ln(x, "ln_final"), "unembed")
+
+
+def bench_train(quick: bool) -> dict:
+    cfg = ModelConfig()
+    hooked = build_model(cfg)
+    hooked.train()
+    batch, length = (64, 24) if quick else (256, 24)
+    tokens = torch.randint(0, hooked.cfg.d_vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    plain = PlainTransformer(hooked.state_dict(), hooked.cfg)
+    fused = PlainTransformer(hooked.state_dict(), hooked.cfg, fused=True)
+    with torch.no_grad():
+        assert torch.allclose(plain(tokens), hooked(tokens), atol=1e-4), "plain model differs"
+
+    def step(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def f():
+            logits = model(tokens)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return f
+
+    t = _timed({"hooked": step(hooked), "plain": step(plain), "fused": step(fused)}, 3 if quick else 10)
+    n_params = sum(p.numel() for p in hooked.parameters())
+    return {"train": {
+        "ours_s": t["hooked"], "reference_s": t["plain"], "ratio": t["hooked"] / t["plain"],
+        "ratio_vs_fused_sdpa": t["hooked"] / t["fused"], "fused_s": t["fused"],
+        "reference": f"plain PyTorch model, same weights and explicit attention; one AdamW step, "
+                     f"batch {batch}x{length}, {n_params} parameters; ratio = hooked / plain"}}
+
+
+# ---------------------------------------------------------------- patching
+
+def bench_patching(quick: bool) -> dict:
+    import transformer_lens.patching as tlp
+
+    from tsds_interp.patching import activation_patch, attribution_patch, decision_pairs
+
+    model, which = _bench_model()
+    pairs = decision_pairs(model, model.tsds_config.task, 8 if quick else 32, seed=0)
+    _, clean_cache = model.run_with_cache(pairs.clean)
+    silent = dict(disable=True)
+
+    def reference():
+        import tqdm as _tqdm
+        orig = tlp.tqdm
+        tlp.tqdm = lambda x, **k: _tqdm.tqdm(x, **silent)
+        try:
+            return tlp.get_act_patch_attn_head_out_by_pos(model, pairs.corrupted, clean_cache, pairs.metric)
+        finally:
+            tlp.tqdm = orig
+
+    exact = lambda: activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
+    attr = lambda: attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
+    max_diff = float((reference() - exact()).abs().max())
+    t = _timed({"tl": reference, "exact": exact, "attr": attr}, 2 if quick else 5)
+    common = f"transformer_lens.patching.get_act_patch_attn_head_out_by_pos, {len(pairs)} decision pairs"
+    return {
+        "activation": {"ours_s": t["exact"], "reference_s": t["tl"], "ratio": t["tl"] / t["exact"],
+                       "reference": common, "max_abs_diff": max_diff, "model": which},
+        "attribution": {"ours_s": t["attr"], "reference_s": t["tl"], "ratio": t["tl"] / t["attr"],
+                        "reference": common, "model": which},
+    }
+
+
+ENTRIES = {"rollout": bench_rollout, "train": bench_train, "patching": bench_patching}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tsds_interp.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("entries", nargs="*", default=list(ENTRIES), help=f"any of {', '.join(ENTRIES)}")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
+    args = p.parse_args(argv)
+    bad = [e for e in args.entries if e not in ENTRIES]
+    if bad:
+        print(f"error: unknown bench entry {bad[0]!r}; choose from {', '.join(ENTRIES)}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    results = {}
+    for entry in args.entries:
+        results[entry] = ENTRIES[entry](args.quick)
+        for name, r in results[entry].items():
+            print(f"{entry}.{name:<12} ours {r['ours_s']:.4f}s  reference {r['reference_s']:.4f}s  "
+                  f"ratio {r['ratio']:.2f}  ({r['reference']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Contrast pairs, exact (batched) activation patching and attribution patching.
+
+All functions take any TransformerLens hooked model (``run_with_cache``, ``run_with_hooks``,
+``start_at_layer``, ``hooks``) and a metric ``logits[batch, pos, vocab] -> scalar`` (the mean over
+the batch of a per-pair quantity), exactly as ``transformer_lens.patching`` does.
+
+Grids (``GRIDS``): ``resid_pre``, ``attn_out``, ``mlp_out`` per layer x position; ``head`` (each
+head's ``hook_z``, all positions) per layer x head; ``head_pos`` per layer x position x head.
+
+Exact patching runs every cell of a layer as one batch of variants (stacked along the batch axis,
+chunked to ``memory_mb``) and starts each of those runs at the patched layer from the base run's
+cached residual stream, which the patch cannot change. ``denoise`` patches the clean run's
+activation into the corrupted run; ``noise`` the corrupted one into the clean run.
+
+Attribution patching estimates every cell at once as ``(source - base activation) . d metric /
+d activation`` with the gradient from backward hooks on the base run (with ``ig_steps > 1``, the
+gradient is averaged along the straight line from base to source, one layer at a time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tsds_interp.rollout import rollout
+from tsds_interp.task import (
+    ACCEPT,
+    REJECT,
+    Questions,
+    TaskConfig,
+    answer_tokens,
+    num_digits,
+    prompt_tokens,
+    sample_questions,
+)
+
+Metric = Callable[[Tensor], Tensor]
+Direction = Literal["denoise", "noise"]
+GRIDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "resid_pre": ("hook_resid_pre", ("layer", "pos")),
+    "attn_out": ("hook_attn_out", ("layer", "pos")),
+    "mlp_out": ("hook_mlp_out", ("layer", "pos")),
+    "head": ("attn.hook_z", ("layer", "head")),
+    "head_pos": ("attn.hook_z", ("layer", "pos", "head")),
+}
+
+
+def hook_name(grid: str, layer: int) -> str:
+    if grid not in GRIDS:
+        raise ValueError(f"unknown patching grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    return f"blocks.{layer}.{GRIDS[grid][0]}"
+
+
+def check_hook_names(model, names: list[str]) -> None:
+    """A clear error for hook names the model does not have."""
+    known = set(model.hook_dict)
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown hook name {bad[0]!r}; the model has e.g. "
+                         f"{', '.join(sorted(known)[:4])}, ... (see model.hook_dict)")
+
+
+# ---------------------------------------------------------------- contrast pairs
+
+@dataclass
+class Pairs:
+    """Clean/corrupted token pairs of equal length and the metric that reads them."""
+
+    function: Literal["decision", "sampling"]
+    clean: Int[Tensor, "batch pos"]
+    corrupted: Int[Tensor, "batch pos"]
+    answer: Int[Tensor, "batch answer"]   # sampling: the clean answer tokens; decision: unused
+    origin: list[str]                     # decision: "model" or "corruption" per pair
+    prompt_len: int
+
+    def metric_per_pair(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
+        if self.function == "decision":
+            last = logits[:, -1]
+            return last[:, ACCEPT] - last[:, REJECT]
+        L, P = self.answer.shape[1], self.prompt_len
+        logp = logits[:, P - 1 : P - 1 + L].log_softmax(-1)
+        return logp.gather(-1, self.answer[:, :, None]).squeeze(-1).sum(1)
+
+    def metric(self, logits) -> Tensor:
+        return self.metric_per_pair(logits).mean()
+
+    def __len__(self) -> int:
+        return self.clean.shape[0]
+
+
+def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, model_fraction: float = 0.5
+                   ) -> Pairs:
+    """Same question, correct vs wrong candidate; the metric is ACCEPT - REJECT logit at the decision.
+
+    Up to ``model_fraction`` of the wrong candidates are the model's own mistakes (sampled first
+    attempts on held-out questions); the rest corrupt one random digit of the right answer.
+    """
+    if n < 1:
+        raise ValueError(f"asked for {n} pairs; ask for at least 1")
+    rng = np.random.default_rng(seed)
+    q = sample_questions(task, "test", 8 * n, seed=seed + 1)
+    truth = q.a * q.b
+    sampled = rollout(model, q, task=task, budget=1, temperature=1.0, seed=seed).values[:, 0]
+    mistakes = ((sampled >= 0) & (sampled != truth)).nonzero().squeeze(1).numpy()
+    k_model = min(len(mistakes), round(n * model_fraction))
+    take_model = rng.permutation(mistakes)[:k_model]
+    rest = np.setdiff1d(np.arange(len(q)), take_model)
+    take_corrupt = rng.permutation(rest)[: n - k_model]
+    idx = torch.from_numpy(np.concatenate([take_model, take_corrupt]))
+    wrong = torch.cat([sampled[take_model], _corrupt_digit(truth[take_corrupt], task, rng)])
+    qq = q[idx]
+    prompt = prompt_tokens(qq.a, qq.b, task)
+    clean = torch.cat([prompt, answer_tokens(truth[idx], task)], 1)
+    corrupted = torch.cat([prompt, answer_tokens(wrong, task)], 1)
+    origin = ["model"] * k_model + ["corruption"] * (n - k_model)
+    return Pairs("decision", clean, corrupted, answer_tokens(truth[idx], task), origin, task.prompt_len)
+
+
+def _corrupt_digit(values: Tensor, task: TaskConfig, rng) -> Tensor:
+    """Change one random digit among the value's significant ones (never a no-op)."""
+    out = values.clone()
+    for i, v in enumerate(values.tolist()):
+        digits = max(1, len(str(v)))
+        place = int(rng.integers(0, digits))
+        d = (v // 10**place) % 10
+        new = int(rng.choice([x for x in range(10) if x != d]))
+        out[i] = v + (new - d) * 10**place
+    return out
+
+
+def sampling_pairs(task: TaskConfig, n: int, seed: int = 0) -> Pairs:
+    """Two questions differing in one digit of ``a``; the metric is the log-prob of the clean
+    question's answer, teacher-forced after either prompt."""
+    if n < 1:
+        raise ValueError(f"asked for {n} pairs; ask for at least 1")
+    rng = np.random.default_rng(seed)
+    q = sample_questions(task, "test", n, seed=seed + 2)
+    a2 = _corrupt_digit(q.a, task, rng)
+    bad = num_digits(a2) != num_digits(q.a)  # keep the difficulty cell: redo leading-digit zeros
+    while bad.any():
+        a2[bad] = _corrupt_digit(q.a[bad], task, rng)
+        bad = num_digits(a2) != num_digits(q.a)
+    ans = answer_tokens(q.a * q.b, task)
+    clean = torch.cat([prompt_tokens(q.a, q.b, task), ans], 1)
+    corrupted = torch.cat([prompt_tokens(a2, q.b, task), ans], 1)
+    return Pairs("sampling", clean, corrupted, ans, ["corruption"] * n, task.prompt_len)
+
+
+# ---------------------------------------------------------------- exact patching
+
+def _cells(axes: tuple[str, ...], n_pos: int, n_heads: int) -> list[tuple[int, ...]]:
+    sizes = {"pos": n_pos, "head": n_heads}
+    rest = [sizes[a] for a in axes[1:]]
+    return [tuple(ix) for ix in np.ndindex(*rest)]
+
+
+def _patch_variants(act: Tensor, src: Tensor, cells: Tensor, axes: tuple[str, ...], n_var: int) -> Tensor:
+    """Write ``src`` into variant i of ``act`` (variants stacked along batch) at cell ``cells[i]``."""
+    act = act.clone().view(n_var, -1, *act.shape[1:])
+    v = torch.arange(n_var)
+    if axes[1:] == ("pos",):
+        act[v, :, cells[:, 0]] = src[:, cells[:, 0]].transpose(0, 1)
+    elif axes[1:] == ("head",):
+        act[v, :, :, cells[:, 0]] = src[:, :, cells[:, 0]].permute(2, 0, 1, 3)
+    else:
+        act[v, :, cells[:, 0], cells[:, 1]] = src[:, cells[:, 0], cells[:, 1]].transpose(0, 1)
+    return act.view(-1, *act.shape[2:])
+
+
+@torch.no_grad()
+def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
+                     metric: Metric, grid: str = "head", direction: Direction = "denoise",
+                     memory_mb: float = 256.0) -> Tensor:
+    """Metric after patching each cell of ``grid``; shaped like ``transformer_lens.patching``'s
+    result ([layer, pos], [layer, head] or [layer, pos, head])."""
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens "
+                         "must have the same shape")
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    cfg = model.cfg
+    names = [hook_name(grid, layer) for layer in range(cfg.n_layers)]
+    axes = GRIDS[grid][1]
+    resid = [f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)]
+    check_hook_names(model, names + resid)
+    _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
+    _, base_cache = model.run_with_cache(base, names_filter=lambda n: n in resid)
+    B, T = base.shape
+    # Before the first position where any pair differs, both runs are identical: patching there
+    # is a no-op, so those cells take the base run's metric without a forward pass.
+    differs = (clean != corrupted).any(0).nonzero()
+    first_diff = int(differs[0]) if len(differs) else T
+    all_cells = _cells(axes, T, cfg.n_heads)
+    live = [i for i, c in enumerate(all_cells) if "pos" not in axes or c[0] >= first_diff]
+    cells = [all_cells[i] for i in live]
+    bytes_per_variant = 4 * B * T * (cfg.d_model * 12 + cfg.n_heads * T + cfg.d_vocab)
+    chunk = max(1, int(memory_mb * 2**20 // bytes_per_variant))
+    out = torch.empty(cfg.n_layers, len(cells))
+    for layer in range(cfg.n_layers if cells else 0):
+        src = src_cache[names[layer]]
+        for start in range(0, len(cells), chunk):
+            cell_ix = torch.tensor(cells[start : start + chunk])
+            n_var = len(cell_ix)
+            x = base_cache[resid[layer]].repeat(n_var, 1, 1)
+            if grid == "resid_pre":
+                logits = model(_patch_variants(x, src, cell_ix, axes, n_var), start_at_layer=layer)
+            else:
+                hook = lambda act, hook, c=cell_ix, s=src, n=n_var: _patch_variants(act, s, c, axes, n)
+                logits = model.run_with_hooks(x, start_at_layer=layer, fwd_hooks=[(names[layer], hook)])
+            logits = logits.view(n_var, B, *logits.shape[1:])
+            out[layer, start : start + n_var] = torch.stack([metric(lg) for lg in logits]).float()
+    full = torch.full((cfg.n_layers, len(all_cells)), float(metric(model(base))))
+    full[:, live] = out[:, : len(live)]
+    shape = [cfg.n_layers] + [T if a == "pos" else cfg.n_heads for a in axes[1:]]
+    return full.view(shape)
+
+
+# ---------------------------------------------------------------- attribution patching
+
+def _reduce_cells(x: Tensor, grid: str) -> Tensor:
+    """(delta * grad) summed over features (and positions for ``head``), batch summed."""
+    if grid == "head":
+        return x.sum((0, 1, 3))
+    if grid == "head_pos":
+        return x.sum((0, 3))
+    return x.sum((0, 2))
+
+
+def attribution_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
+                      metric: Metric, grid: str = "head", direction: Direction = "denoise",
+                      ig_steps: int = 1) -> Tensor:
+    """First-order estimate of :func:`activation_patch` minus the base run's metric, same shape."""
+    if ig_steps < 1:
+        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    names = [hook_name(grid, layer) for layer in range(model.cfg.n_layers)]
+    check_hook_names(model, names)
+    with torch.no_grad():
+        _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
+        _, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names)
+    grads = {n: torch.zeros_like(base_cache[n]) for n in names}
+    if ig_steps == 1:
+        _accumulate_grads(model, base, metric, {n: None for n in names}, grads, 1.0)
+    else:
+        for n in names:
+            for k in range(ig_steps):
+                alpha = (k + 0.5) / ig_steps
+                point = base_cache[n] + alpha * (src_cache[n] - base_cache[n])
+                _accumulate_grads(model, base, metric, {n: point}, grads, 1.0 / ig_steps)
+    per_layer = [_reduce_cells((src_cache[n] - base_cache[n]) * grads[n], grid) for n in names]
+    return torch.stack(per_layer)
+
+
+def _accumulate_grads(model, tokens, metric, replace: dict[str, Tensor | None], grads: dict, scale):
+    """One forward/backward with backward hooks on ``replace``'s names; a non-None value replaces
+    that activation. Adds ``scale * d metric / d activation`` into ``grads``; leaves no hook and
+    no parameter gradient behind."""
+    saved = [(p, p.grad) for p in model.parameters()]
+
+    def fwd(act, hook, value=None):
+        return value.clone().requires_grad_(True) if value is not None else act
+
+    def bwd(grad, hook, name=None):
+        grads[name] += scale * grad.detach()
+
+    fwd_hooks = [(n, lambda a, hook, v=v: fwd(a, hook, v)) for n, v in replace.items() if v is not None]
+    bwd_hooks = [(n, lambda g, hook, n=n: bwd(g, hook, n)) for n in replace]
+    try:
+        with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
+            metric(model(tokens)).backward()
+    finally:
+        model.reset_hooks(including_permanent=False)
+        for p, g in saved:
+            p.grad = g
+
+
+# ---------------------------------------------------------------- tidy results
+
+def normalized(values: Tensor, clean_value: float, corrupted_value: float, direction: Direction,
+               attribution: bool = False) -> Tensor:
+    """0 = corrupted run, 1 = clean run. Attribution scores are changes from the base run."""
+    base = corrupted_value if direction == "denoise" else clean_value
+    v = values + base if attribution else values
+    return (v - corrupted_value) / (clean_value - corrupted_value)
+
+
+def to_frame(values: Tensor, grid: str, **labels) -> pd.DataFrame:
+    axes = GRIDS[grid][1]
+    idx = pd.MultiIndex.from_tuples(list(np.ndindex(*values.shape)), names=list(axes))
+    df = pd.DataFrame({"value": values.flatten().numpy()}, index=idx).reset_index()
+    df.insert(0, "grid", grid)
+    for k, v in reversed(labels.items()):
+        df.insert(0, k, v)
+    return df

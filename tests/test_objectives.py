@@ -2,7 +2,12 @@ import pytest
 import torch
 
 from tsds_interp.objectives import (
-    advantages, aggregation_weights, discounted_reward, kl_terms, policy_gradient_terms, sft_terms,
+    advantages,
+    aggregation_weights,
+    discounted_reward,
+    kl_terms,
+    policy_gradient_terms,
+    sft_terms,
     token_logprobs,
 )
 from tsds_interp.task import DECISION, END, PADDING, PROMPT, SAMPLE

@@ -4,9 +4,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tsds_interp.task import (
-    ACCEPT, DECISION, END, EOS, PAD, PADDING, PROMPT, REJECT, SAMPLE, VOCAB, TaskConfig,
-    answer_tokens, build_trajectories, check, decode, encode, num_digits, parse_candidate,
-    prompt_tokens, sample_questions, token_roles,
+    ACCEPT,
+    DECISION,
+    END,
+    EOS,
+    PAD,
+    PADDING,
+    PROMPT,
+    REJECT,
+    SAMPLE,
+    VOCAB,
+    TaskConfig,
+    answer_tokens,
+    build_trajectories,
+    check,
+    decode,
+    encode,
+    num_digits,
+    parse_candidate,
+    prompt_tokens,
+    sample_questions,
+    token_roles,
 )
 
 TASK = TaskConfig(width=2, budget=2, train_cells=((1, 1), (1, 2), (2, 2)), ood_cells=((2, 1),))

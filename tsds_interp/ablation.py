@@ -74,11 +74,8 @@ def ablation_hook(head: int | None, replacement: torch.Tensor | None):
 
 def rollout_with_hooks(model, questions, fwd_hooks, **kw):
     """Reflective rollouts with forward hooks attached (uncached decode through the hooks)."""
-    try:
-        with model.hooks(fwd_hooks=fwd_hooks):
-            return rollout(model, questions, cached=False, **kw)
-    finally:
-        model.reset_hooks(including_permanent=False)
+    with model.hooks(fwd_hooks=fwd_hooks):  # removes its hooks on exit, also on error
+        return rollout(model, questions, cached=False, **kw)
 
 
 def _diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:

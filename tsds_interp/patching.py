@@ -33,7 +33,6 @@ from tsds_interp.rollout import rollout
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
-    Questions,
     TaskConfig,
     answer_tokens,
     num_digits,
@@ -266,18 +265,17 @@ def _accumulate_grads(model, tokens, metric, replace: dict[str, Tensor | None], 
     saved = [(p, p.grad) for p in model.parameters()]
 
     def fwd(act, hook, value=None):
-        return value.clone().requires_grad_(True) if value is not None else act
+        return act if value is None else act + (value - act).detach()  # value, gradient of act
 
     def bwd(grad, hook, name=None):
         grads[name] += scale * grad.detach()
 
     fwd_hooks = [(n, lambda a, hook, v=v: fwd(a, hook, v)) for n, v in replace.items() if v is not None]
     bwd_hooks = [(n, lambda g, hook, n=n: bwd(g, hook, n)) for n in replace]
-    try:
+    try:  # model.hooks removes exactly the hooks it added, also when the metric raises
         with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
             metric(model(tokens)).backward()
     finally:
-        model.reset_hooks(including_permanent=False)
         for p, g in saved:
             p.grad = g
 

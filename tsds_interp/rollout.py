@@ -21,8 +21,17 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tsds_interp.model import config_of
-from tsds_interp.task import ACCEPT, EOS, PAD, REJECT, Questions, TaskConfig, \
-    parse_candidate, prompt_tokens, token_roles
+from tsds_interp.task import (
+    ACCEPT,
+    EOS,
+    PAD,
+    REJECT,
+    Questions,
+    TaskConfig,
+    parse_candidate,
+    prompt_tokens,
+    token_roles,
+)
 
 # Decision codes in Rollouts.decisions
 ACCEPTED, REJECTED, INVALID, NOT_REACHED = 1, 0, -1, -2

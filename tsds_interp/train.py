@@ -354,7 +354,7 @@ class Trainer:
             info = self._update(terms, log)
         return {**info, **extra, "lr": self.sched.get_last_lr()[0]}
 
-    def evaluate(self) -> "pd.DataFrame":  # noqa: F821
+    def evaluate(self) -> pd.DataFrame:  # noqa: F821
         return ds_metrics(rollout(self.model, self.eval_q, task=self.task,
                                   temperature=self.cfg.eval_temperature, seed=99))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint
+from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import (
     activation_patch,
     attribution_patch,
@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     for function, part in top.groupby("function", sort=False):
         print(f"\ntop {function} components:")
         print(part.drop(columns="function").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    from tsds_interp.train import _versions
-
     (out / "run.json").write_text(json.dumps({**vars(args), "checkpoint_path": str(path),
                                               "elapsed_s": elapsed, "files": ["patching.csv", *files],
-                                              "versions": _versions()}, indent=2))
+                                              "versions": run_versions()}, indent=2))
     print(f"\nwrote {out}/patching.csv, {', '.join(files)}, run.json")
     return 0
 

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -35,6 +36,7 @@ from tsds_interp.model import (
     config_of,
     load,
     replace_dir,
+    run_versions,
     write_checkpoint_files,
 )
 from tsds_interp.objectives import (
@@ -372,7 +374,7 @@ class Trainer:
             self.sft_data = self._load_or_build_sft_data()
         (self.out / "run.json").write_text(json.dumps(
             {"config": dataclasses.asdict(cfg), "init": str(self.init), "ref": str(self.ref_path),
-             "versions": _versions()}, indent=2))
+             "versions": run_versions()}, indent=2))
         start_time = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, disable=self.quiet)
         with _StopRequested() as stop, open(self.out / "log.jsonl", "a") as log:
@@ -416,19 +418,6 @@ class Trainer:
 def _mean_counted(x: torch.Tensor, roles: torch.Tensor) -> float:
     mask = (roles == SAMPLE) | (roles == DECISION)
     return float((x * mask).sum() / mask.sum().clamp(min=1))
-
-
-def _versions() -> dict:
-    import subprocess
-    from importlib.metadata import version
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"torch": torch.__version__, "transformer_lens": version("transformer-lens"),
-            "python": sys.version.split()[0], "git_commit": commit}
 
 
 def train_stage(cfg: TrainConfig, out, init=None, ref=None, resume=False, quiet=False,

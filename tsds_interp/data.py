@@ -48,11 +48,16 @@ def reflective_sft_data(model, task: TaskConfig, n: int, seed: int, first_right_
     corrected = usable & (first_right_at > 0)
     n_first, n_corr = int(first.sum()), int(corrected.sum())
     if n_first + n_corr == 0:
-        raise ValueError("no usable reflective trajectories; sample more questions")
+        raise ValueError("no usable reflective trajectories (the model wrote no well-formed candidate); "
+                         "sample more questions or train the model longer")
     # Largest total with the asked-for mix that both pools can fill.
     total = n_first + n_corr
     if 0 < first_right_fraction < 1:
         total = min(total, int(n_first / first_right_fraction), int(n_corr / (1 - first_right_fraction)))
+    if total == 0:
+        raise ValueError(f"no reflective trajectories with first_right_fraction={first_right_fraction}: "
+                         f"{n_first} right at the first attempt, {n_corr} corrected; sample more questions "
+                         "or change the fraction")
     k_first = round(total * first_right_fraction)
     k_corr = total - k_first
     gen = torch.Generator().manual_seed(seed)

@@ -131,3 +131,28 @@ def test_patch_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         patch_main(["--method", "magic"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("grid", ["head", "head_pos", "attn_out"])
+def test_attribution_equals_exact_patching_when_metric_is_linear(grid):
+    """One attention-only layer, no layer norm, a metric linear in the logits: the metric is
+    linear in every head's output, so the first-order estimate is exact."""
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(d_model=16, d_head=4, n_heads=4, n_layers=1, n_ctx=12, d_vocab=17,
+                                  attn_only=True, normalization_type=None, seed=0, model_name="linear")
+    model = TransformerBridge.boot_native(cfg)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, 17, (3, 12), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 4:7] = torch.randint(0, 17, (3, 3), generator=g)
+    metric = lambda logits: (logits[:, -1, 3] - 0.5 * logits[:, -1, 7]).mean()
+    with torch.no_grad():
+        base = float(metric(model(corrupted)))
+    exact = activation_patch(model, clean, corrupted, metric, grid) - base
+    approx = attribution_patch(model, clean, corrupted, metric, grid)
+    assert exact.abs().max() > 1e-3
+    assert torch.allclose(approx, exact, atol=1e-5, rtol=1e-4)
+    assert _no_hooks(model)

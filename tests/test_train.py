@@ -88,3 +88,24 @@ def test_trainer_role_grad_norms_logged(tmp_path):
     t.run()
     row = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert row["grad_norm_sample"] > 0 and row["grad_norm_decision"] > 0
+
+
+def test_bf16_autocast_trains_close_to_float32(trained_tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    paths, _ = trained_tiny
+    for name, extra in (("fp32", []), ("bf16", ["--autocast", "bf16"])):
+        assert main(["rl", "--preset", "tiny", "--init", str(paths["sft"]), "--steps", "2", "--log-every", "1",
+                     "--quiet", "--out", str(tmp_path / name), *extra]) == 0
+    rows = {n: json.loads((tmp_path / n / "log.jsonl").read_text().splitlines()[0]) for n in ("fp32", "bf16")}
+    assert rows["bf16"]["grad_norm"] != rows["fp32"]["grad_norm"]  # autocast was on
+    assert rows["bf16"]["grad_norm"] == pytest.approx(rows["fp32"]["grad_norm"], rel=0.05)
+    w = [load_file(str(tmp_path / n / "checkpoint" / "model.safetensors")) for n in ("fp32", "bf16")]
+    assert all(v.dtype == torch.float32 for v in w[1].values())
+
+
+def test_paper_preset_is_valid():
+    cfg = preset_config("paper", "pretrain")
+    assert cfg.model_config().n_layers == 5 and cfg.task().width == 6
+    with pytest.raises(ValueError, match="autocast"):
+        preset_config("tiny", "rl", autocast="fp8")

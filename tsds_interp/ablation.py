@@ -86,14 +86,14 @@ def _diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
 
 
 def ablation_sweep(model, n_questions: int = 256, mode: str = "zero", seed: int = 0,
-                   temperature: float = 1.0, threshold: float = 0.05, quiet: bool = False
-                   ) -> pd.DataFrame:
+                   temperature: float = 1.0, threshold: float = 0.05, quiet: bool = False,
+                   max_batch: int = 2048) -> pd.DataFrame:
     """One row per (component, metric): baseline, ablated, delta with 95% CI, and the label."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     task = config_of(model).task
     q = sample_questions(task, "test", n_questions, seed=seed + 5)
-    kw = dict(task=task, temperature=temperature, seed=seed)
+    kw = dict(task=task, temperature=temperature, seed=seed, batch_size=max_batch)
     base = ds_metrics(rollout(model, q, **kw)).query("cell == 'all'").set_index("metric")
     reference = rollout(model, sample_questions(task, "train", 128, seed=seed + 6), **kw).tokens
     rows = []
@@ -136,14 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/ablation")
+    p.add_argument("--max-batch", type=int, default=2048, help="episodes decoded at once (memory bound)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
-        if args.questions < 1:
-            raise ValueError(f"--questions must be >= 1, got {args.questions}")
+        if args.questions < 1 or args.max_batch < 1:
+            raise ValueError(f"--questions and --max-batch must be >= 1, got {args.questions}, {args.max_batch}")
         model = load(resolve_checkpoint(args.checkpoint), device=args.device)
         df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
-                            quiet=args.quiet)
+                            quiet=args.quiet, max_batch=args.max_batch)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

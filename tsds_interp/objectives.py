@@ -16,6 +16,7 @@ Weightings (``weights`` over the counted tokens, sample + decision):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -53,22 +54,29 @@ def counted(roles: Int[Tensor, "batch pos"]) -> Tensor:
     return (roles == SAMPLE) | (roles == DECISION)
 
 
-def aggregation_weights(roles: Int[Tensor, "batch pos"], mode: Weighting,
-                        decision_share: float = 0.5) -> Float[Tensor, "batch pos"]:
+def _local(x: Tensor) -> Tensor:
+    return x
+
+
+def aggregation_weights(roles: Int[Tensor, "batch pos"], mode: Weighting, decision_share: float = 0.5,
+                        total: Callable[[Tensor], Tensor] = _local) -> Float[Tensor, "batch pos"]:
+    """Per-token weights; ``total`` sums a count over every process holding part of the batch
+    (identity for one process), so each process's loss is its exact share of the global loss."""
     if mode not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {mode!r}; choose one of {', '.join(WEIGHTINGS)}")
     mask = counted(roles).float()
-    n_seq = roles.shape[0]
+    n_seq = total(torch.tensor(float(roles.shape[0]), device=roles.device))
     if mode == "token_sum":
         return mask / n_seq
     if mode == "token_mean":
-        return mask / mask.sum().clamp(min=1)
+        return mask / total(mask.sum()).clamp(min=1)
     if mode == "sequence_mean":
         return mask / (n_seq * mask.sum(1, keepdim=True).clamp(min=1))
     if not 0 <= decision_share <= 1:
         raise ValueError(f"decision_share must be in [0, 1], got {decision_share}")
     dec, samp = (roles == DECISION).float(), (roles == SAMPLE).float()
-    return decision_share * dec / dec.sum().clamp(min=1) + (1 - decision_share) * samp / samp.sum().clamp(min=1)
+    return (decision_share * dec / total(dec.sum()).clamp(min=1)
+            + (1 - decision_share) * samp / total(samp.sum()).clamp(min=1))
 
 
 def token_logprobs(model, tokens: Int[Tensor, "batch pos"]) -> tuple[Tensor, Tensor]:
@@ -81,9 +89,9 @@ def token_logprobs(model, tokens: Int[Tensor, "batch pos"]) -> tuple[Tensor, Ten
 
 
 def sft_terms(logp: Float[Tensor, "batch pos"], roles, weighting: Weighting = "token_mean",
-              decision_share: float = 0.5) -> Terms:
+              decision_share: float = 0.5, total: Callable[[Tensor], Tensor] = _local) -> Terms:
     """Negative log-likelihood of the sample and decision tokens."""
-    return Terms(-logp * counted(roles), roles, aggregation_weights(roles, weighting, decision_share))
+    return Terms(-logp * counted(roles), roles, aggregation_weights(roles, weighting, decision_share, total))
 
 
 def advantages(reward: Float[Tensor, " batch"], group: int, mode: Literal["grpo", "reinforce"] = "grpo",
@@ -108,7 +116,7 @@ def discounted_reward(reward: Float[Tensor, " batch"], n_attempts: Int[Tensor, "
 
 def policy_gradient_terms(logp: Float[Tensor, "batch pos"], old_logp: Float[Tensor, "batch pos"],
                           roles, adv: Float[Tensor, " batch"], clip: float | None = None,
-                          weighting: Weighting = "token_sum") -> Terms:
+                          weighting: Weighting = "token_sum", total: Callable[[Tensor], Tensor] = _local) -> Terms:
     """Surrogate ``-A * ratio`` per token, PPO-clipped when ``clip`` is set.
 
     At ``logp == old_logp`` the gradient is ``-A * grad log pi`` per token, the policy gradient.
@@ -118,12 +126,12 @@ def policy_gradient_terms(logp: Float[Tensor, "batch pos"], old_logp: Float[Tens
     surrogate = ratio * a
     if clip is not None:
         surrogate = torch.minimum(surrogate, ratio.clamp(1 - clip, 1 + clip) * a)
-    return Terms(-surrogate * counted(roles), roles, aggregation_weights(roles, weighting))
+    return Terms(-surrogate * counted(roles), roles, aggregation_weights(roles, weighting, total=total))
 
 
 def kl_terms(logp: Float[Tensor, "batch pos"], ref_logp: Float[Tensor, "batch pos"], roles,
              beta: float = 0.1, estimator: Literal["k1", "k3"] = "k3",
-             weighting: Weighting = "token_sum") -> Terms:
+             weighting: Weighting = "token_sum", total: Callable[[Tensor], Tensor] = _local) -> Terms:
     """``beta`` times a per-token estimate of KL(pi || pi_ref) on tokens sampled from pi.
 
     k1 = log pi - log pi_ref; k3 = exp(log pi_ref - log pi) - 1 - (log pi_ref - log pi) (>= 0).
@@ -135,4 +143,4 @@ def kl_terms(logp: Float[Tensor, "batch pos"], ref_logp: Float[Tensor, "batch po
         kl = torch.exp(log_ratio) - 1 - log_ratio
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}; choose k1 or k3")
-    return Terms(beta * kl * counted(roles), roles, aggregation_weights(roles, weighting))
+    return Terms(beta * kl * counted(roles), roles, aggregation_weights(roles, weighting, total=total))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,8 @@ GRANULARITY_GRIDS = {"layer": ("attn_out", "mlp_out"), "head": ("head",), "head_
 
 
 def run_patching(model, function: str, method: str = "activation", granularity: str = "head",
-                 n_pairs: int = 32, seed: int = 0, direction: str = "denoise") -> pd.DataFrame:
+                 n_pairs: int = 32, seed: int = 0, direction: str = "denoise", memory_mb: float = 256
+                 ) -> pd.DataFrame:
     """Tidy normalized patching scores for one function ('decision' or 'sampling')."""
     task = config_of(model).task
     pairs = (decision_pairs(model, task, n_pairs, seed=seed) if function == "decision"
@@ -44,7 +46,8 @@ def run_patching(model, function: str, method: str = "activation", granularity: 
     frames = []
     for grid in GRANULARITY_GRIDS[granularity]:
         if method == "activation":
-            raw = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction)
+            raw = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction,
+                                   memory_mb=memory_mb)
         else:
             raw = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction)
         norm = normalized(raw, clean_v, corr_v, direction, attribution=method == "attribution")
@@ -53,6 +56,13 @@ def run_patching(model, function: str, method: str = "activation", granularity: 
         df["clean_metric"], df["corrupted_metric"] = clean_v, corr_v
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, else peak resident set size."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def component_name(row) -> str:
@@ -92,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=32, help="contrast pairs per function")
     p.add_argument("--top", type=int, default=8, help="components to print per function")
     p.add_argument("--out", default="runs/patch", help="output folder")
+    p.add_argument("--memory-mb", type=float, default=256,
+                   help="activation budget of one batch of patched variants (chunks the sweep)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -106,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         model = load(path, device=args.device)
         functions = ("decision", "sampling") if args.function == "both" else (args.function,)
         t0 = time.time()
+        if args.memory_mb <= 0:
+            raise ValueError(f"--memory-mb must be > 0, got {args.memory_mb}")
         df = pd.concat([run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
-                                     args.direction) for f in functions], ignore_index=True)
+                                     args.direction, args.memory_mb) for f in functions], ignore_index=True)
         elapsed = time.time() - t0
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntop {function} components:")
         print(part.drop(columns="function").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     (out / "run.json").write_text(json.dumps({**vars(args), "checkpoint_path": str(path),
-                                              "elapsed_s": elapsed, "files": ["patching.csv", *files],
+                                              "elapsed_s": elapsed, "peak_memory_mb": peak_memory_mb(args.device),
+                                              "files": ["patching.csv", *files],
                                               "versions": run_versions()}, indent=2))
     print(f"\nwrote {out}/patching.csv, {', '.join(files)}, run.json")
     return 0

@@ -173,12 +173,14 @@ def sample_tokens(logits: Float[Tensor, "batch vocab"], temperature: float,
 @torch.no_grad()
 def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budget: int | None = None,
             temperature: float = 1.0, decision_temperature: float | None = None, seed: int = 0,
-            batch_size: int = 2048, cached: bool = True) -> Rollouts:
+            batch_size: int = 2048, cached: bool = True, rows: slice | None = None) -> Rollouts:
     """Reflective episodes for ``questions``.
 
     ``temperature`` applies to sample tokens, ``decision_temperature`` (default: the same) to
     decision tokens; 0 is greedy. ``budget`` overrides the task's attempt budget. ``cached=False``
     decodes without a KV cache through the hooked model (the reference the cache is tested against).
+    ``rows`` rolls out only those rows of ``questions``, with the random draws they get in the full
+    batch (how data-parallel processes split one batch and still match a single process).
     """
     task = task or config_of(model).task
     if budget is not None:
@@ -191,6 +193,8 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
     n_steps = task.budget * task.attempt_len
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(len(questions), n_steps, generator=gen, dtype=torch.float64)
+    if rows is not None:
+        questions, uniforms = questions[rows], uniforms[rows]
     device = next(model.parameters()).device
     parts = []
     for start in range(0, len(questions), batch_size):

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from tsds_interp.data import reflective_sft_data, solution_batch
@@ -96,6 +99,7 @@ class TrainConfig:
     discount: float = 1.0
     temperature: float = 1.0
     device: str = "cpu"
+    autocast: str = "none"  # "bf16": bfloat16 autocast for forward passes (training and rollouts)
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -110,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be none or bf16, got {self.autocast!r}")
         if self.advantage not in ("grpo", "reinforce"):
             raise ValueError(f"advantage must be grpo or reinforce, got {self.advantage!r}")
         self.task()  # validates cells
@@ -130,12 +136,23 @@ class TrainConfig:
 _TINY_MODEL = dict(n_layers=2, d_model=64, n_heads=4, d_mlp=128, width=2, budget=2,
                    train_cells="1x1,1x2,2x1", ood_cells="2x2", eval_questions=256, log_every=10,
                    eval_every=50, ckpt_every=50)
+_PAPER_MODEL = dict(n_layers=5, d_model=256, n_heads=8, d_mlp=1024, width=6, budget=3, eval_questions=2048,
+                    train_cells=",".join(f"{i}x{j}" for i in range(1, 6) for j in range(1, 6)), ood_cells="6x6")
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "pretrain": dict(_TINY_MODEL, steps=300, batch_size=64, lr=3e-3, warmup=20),
         "sft": dict(_TINY_MODEL, steps=100, batch_size=64, lr=1e-3, warmup=10, sft_questions=1024),
         "rl": dict(_TINY_MODEL, steps=30, lr=5e-4, warmup=3, questions_per_step=16, group=4,
                    eval_every=15, ckpt_every=15, log_every=5),
+    },
+    # For one GPU: a 5-layer, d_model 256 model (about 4M parameters) on up to 5x5-digit products.
+    "paper": {
+        "pretrain": dict(_PAPER_MODEL, steps=20000, batch_size=512, lr=1e-3, warmup=500, eval_every=2000,
+                         ckpt_every=1000, log_every=100),
+        "sft": dict(_PAPER_MODEL, steps=3000, batch_size=512, lr=3e-4, warmup=100, sft_questions=65536,
+                    eval_every=500, ckpt_every=500, log_every=50),
+        "rl": dict(_PAPER_MODEL, steps=1000, lr=1e-4, warmup=20, questions_per_step=128, group=8,
+                   eval_every=100, ckpt_every=50, log_every=10),
     },
     "small": {
         "pretrain": dict(steps=3000, batch_size=256, lr=2e-3, warmup=100, eval_every=500,
@@ -211,10 +228,51 @@ def _step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + salt) % (2**31)
 
 
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one).
+
+    A global batch is split into contiguous per-rank shards; every loss is normalised by global
+    token counts (``sum``), so the per-rank losses add up to the single-process loss and the
+    summed gradients equal its gradient. Backend gloo on CPU, nccl on CUDA.
+    """
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world > 1:
+            if device.startswith("cuda"):
+                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (differentiable only through this rank's term, as gradients are)."""
+        if self.world == 1:
+            return x
+        y = x.detach().clone()
+        dist.all_reduce(y)
+        return x + (y - x.detach())
+
+    def shard(self, n: int, what: str) -> slice:
+        if n % self.world:
+            raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
+        k = n // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, init: str | Path | None = None,
                  ref: str | Path | None = None, quiet: bool = False):
-        self.cfg, self.out, self.quiet = cfg, Path(out), quiet
+        self.dist = Dist(cfg.device)
+        if self.dist.device != cfg.device:
+            cfg = dataclasses.replace(cfg, device=self.dist.device)
+        self.cfg, self.out, self.quiet = cfg, Path(out), quiet or not self.dist.main
         if cfg.stage == "pretrain":
             self.model = build_model(cfg.model_config(), device=cfg.device)
         else:
@@ -225,6 +283,11 @@ class Trainer:
         self.ref = load(ref or init, device=cfg.device) if cfg.stage == "rl" else None
         if self.ref is not None:
             self.ref.requires_grad_(False)
+        if cfg.stage == "rl":
+            self.dist.shard(cfg.questions_per_step, "--questions-per-step")
+        else:
+            self.dist.shard(cfg.batch_size, "--batch-size")
+        self.net = DDP(self.model) if self.dist.world > 1 else self.model
         self.updates_per_step = cfg.ppo_epochs if cfg.stage == "rl" else 1
         total = cfg.steps * self.updates_per_step
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -240,6 +303,8 @@ class Trainer:
         return self.out / "checkpoint"
 
     def save(self) -> None:
+        if not self.dist.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.out))
         try:
@@ -273,7 +338,7 @@ class Trainer:
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
         torch.set_rng_state(load_file(str(self.ckpt / "rng.safetensors"))["torch_rng"])
         log = self.out / "log.jsonl"
-        if log.is_file():  # drop rows logged after the checkpoint
+        if log.is_file() and self.dist.main:  # drop rows logged after the checkpoint
             rows = [r for r in log.read_text().splitlines() if json.loads(r)["step"] <= self.step]
             log.write_text("".join(r + "\n" for r in rows))
 
@@ -281,19 +346,23 @@ class Trainer:
     def _batch_tokens(self) -> torch.Tensor:
         cfg = self.cfg
         if cfg.stage == "pretrain":
-            return solution_batch(self.task, cfg.batch_size, _step_seed(cfg.seed, self.step))
-        n = len(self.sft_data)
-        steps_per_epoch = max(1, n // cfg.batch_size)
-        epoch, i = divmod(self.step, steps_per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, epoch, 1)))
-        return self.sft_data[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+            batch = solution_batch(self.task, cfg.batch_size, _step_seed(cfg.seed, self.step))
+        else:
+            n = len(self.sft_data)
+            steps_per_epoch = max(1, n // cfg.batch_size)
+            epoch, i = divmod(self.step, steps_per_epoch)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, epoch, 1)))
+            batch = self.sft_data[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+        return batch[self.dist.shard(len(batch), "the batch")]
 
     def _sft_terms(self, tokens):
-        tokens = tokens[:, : int((tokens != PAD).sum(1).max())]  # drop all-PAD columns
-        logp, ent = token_logprobs(self.model, tokens.to(self.cfg.device))
+        if self.dist.world == 1:  # drop all-PAD columns (ranks keep the full width so the graphs match)
+            tokens = tokens[:, : int((tokens != PAD).sum(1).max())]
+        logp, ent = token_logprobs(self.net, tokens.to(self.cfg.device))
         roles = token_roles(tokens, self.task).to(self.cfg.device)
         weighting = "token_mean" if self.cfg.stage == "pretrain" else self.cfg.weighting
-        return sft_terms(logp, roles, weighting, self.cfg.decision_share), {"entropy": _mean_counted(ent, roles)}
+        terms = sft_terms(logp, roles, weighting, self.cfg.decision_share, total=self.dist.sum)
+        return terms, {"entropy": _mean_counted(ent, roles, self.dist.sum)}
 
     def _rl_batch(self):
         cfg = self.cfg
@@ -301,50 +370,62 @@ class Trainer:
         q = q.repeat_interleave(cfg.group)
         self.model.eval()
         r = rollout(self.model, q, task=self.task, temperature=cfg.temperature,
-                    seed=_step_seed(cfg.seed, self.step, 2))
+                    seed=_step_seed(cfg.seed, self.step, 2), rows=self.dist.shard(len(q), "the rollout batch"))
         tokens, roles = r.tokens.to(cfg.device), r.roles.to(cfg.device)
         with torch.no_grad():
             old_logp, _ = token_logprobs(self.model, tokens)
             ref_logp, _ = token_logprobs(self.ref, tokens)
         reward = discounted_reward(r.reward, r.n_attempts, cfg.discount).to(cfg.device)
         adv = advantages(reward, cfg.group, cfg.advantage)
-        return tokens, roles, old_logp, ref_logp, adv, {"reward": r.reward.mean().item(),
-                                                        "attempts": r.n_attempts.float().mean().item()}
+        n = len(q)
+        return tokens, roles, old_logp, ref_logp, adv, {
+            "reward": self.dist.sum(r.reward.sum()).item() / n,
+            "attempts": self.dist.sum(r.n_attempts.float().sum()).item() / n}
 
     def _rl_terms(self, batch):
         tokens, roles, old_logp, ref_logp, adv, info = batch
         cfg = self.cfg
-        logp, ent = token_logprobs(self.model, tokens)
-        pg = policy_gradient_terms(logp, old_logp, roles, adv, clip=cfg.clip_eps)
-        kl = kl_terms(logp, ref_logp, roles, beta=1.0, estimator=cfg.kl_estimator)
+        logp, ent = token_logprobs(self.net, tokens)
+        pg = policy_gradient_terms(logp, old_logp, roles, adv, clip=cfg.clip_eps, total=self.dist.sum)
+        kl = kl_terms(logp, ref_logp, roles, beta=1.0, estimator=cfg.kl_estimator, total=self.dist.sum)
         total = pg + dataclasses.replace(kl, values=kl.values * cfg.beta)
-        info = {**info, "pg_loss": pg.loss.item(), "kl": kl.loss.item(),
-                "entropy": _mean_counted(ent, roles)}
+        info = {**info, "pg_loss": self.dist.sum(pg.loss).item(), "kl": self.dist.sum(kl.loss).item(),
+                "entropy": _mean_counted(ent, roles, self.dist.sum)}
         return total, info
 
     def _update(self, terms, log: bool) -> dict:
         self.model.train()
         info = {}
+        params = list(self.model.parameters())
         if log:  # gradient norm reaching each role, from the exact role split of the loss
             for name, role in (("sample", SAMPLE), ("decision", DECISION)):
-                grads = torch.autograd.grad(terms.role_loss(role), list(self.model.parameters()),
-                                            retain_graph=True, allow_unused=True)
-                info[f"grad_norm_{name}"] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads
-                                                          if g is not None))
+                grads = torch.autograd.grad(terms.role_loss(role), params, retain_graph=True, allow_unused=True)
+                flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+                info[f"grad_norm_{name}"] = float(self.dist.sum(flat).norm())
         loss = terms.loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; lower --lr or "
+        global_loss = self.dist.sum(loss.detach())
+        if not torch.isfinite(global_loss):
+            raise FloatingPointError(f"loss is {global_loss.item()} at step {self.step}; lower --lr or "
                                      "--grad-clip and resume from the last checkpoint")
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.dist.world).backward()  # DDP averages gradients over ranks; the loss parts add up
         info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
         self.opt.step()
         self.sched.step()
         self.model.eval()
-        return {"loss": loss.item(), "loss_sample": terms.role_loss(SAMPLE).item(),
-                "loss_decision": terms.role_loss(DECISION).item(), **info}
+        return {"loss": global_loss.item(), "loss_sample": self.dist.sum(terms.role_loss(SAMPLE).detach()).item(),
+                "loss_decision": self.dist.sum(terms.role_loss(DECISION).detach()).item(), **info}
+
+    def autocast(self):
+        """bfloat16 autocast on the configured device when ``autocast == 'bf16'`` (else a no-op)."""
+        return torch.autocast(torch.device(self.cfg.device).type, dtype=torch.bfloat16,
+                              enabled=self.cfg.autocast == "bf16")
 
     def train_step(self) -> dict:
+        with self.autocast():
+            return self._train_step()
+
+    def _train_step(self) -> dict:
         log = (self.step + 1) % self.cfg.log_every == 0
         if self.cfg.stage == "rl":
             batch = self._rl_batch()
@@ -369,38 +450,48 @@ class Trainer:
         elif self.ckpt.exists():
             raise CheckpointError(f"{self.out} already holds a checkpoint; pass --resume to continue "
                                   "it or choose another --out")
+        main = self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.stage == "sft":
             self.sft_data = self._load_or_build_sft_data()
-        (self.out / "run.json").write_text(json.dumps(
-            {"config": dataclasses.asdict(cfg), "init": str(self.init), "ref": str(self.ref_path),
-             "versions": run_versions()}, indent=2))
+        if main:
+            (self.out / "run.json").write_text(json.dumps(
+                {"config": dataclasses.asdict(cfg), "init": str(self.init), "ref": str(self.ref_path),
+                 "world_size": self.dist.world, "versions": run_versions()}, indent=2))
         start_time = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, disable=self.quiet)
-        with _StopRequested() as stop, open(self.out / "log.jsonl", "a") as log:
-            while self.step < cfg.steps:
-                info = self.train_step()
-                self.step += 1
-                bar.update(1)
-                row = {"step": self.step, **info} if self.step % cfg.log_every == 0 else None
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                    m = self.evaluate().query("cell == 'all'").set_index("metric")["value"]
-                    row = {"step": self.step, **info, **{f"eval_{k}": float(v) for k, v in m.items()}}
-                if row is not None:
-                    row["elapsed_s"] = time.time() - start_time
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    bar.set_postfix({k: round(v, 3) for k, v in row.items()
-                                     if k in ("loss", "reward", "eval_realized_accuracy")})
-                interrupted = stop.flag or (stop_after is not None and self.step >= stop_after)
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or interrupted:
-                    self.save()
-                if interrupted and self.step < cfg.steps:
-                    bar.close()
-                    raise Interrupted(f"stopped at step {self.step}; checkpoint saved in {self.ckpt}, "
-                                      "continue with --resume")
-        bar.close()
-        self.evaluate().to_csv(self.out / "metrics.csv", index=False)
+        log = open(self.out / "log.jsonl", "a") if main else None
+        try:
+            with _StopRequested() as stop:
+                while self.step < cfg.steps:
+                    info = self.train_step()
+                    self.step += 1
+                    bar.update(1)
+                    row = {"step": self.step, **info} if self.step % cfg.log_every == 0 else None
+                    if main and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                        m = self.evaluate().query("cell == 'all'").set_index("metric")["value"]
+                        row = {"step": self.step, **info, **{f"eval_{k}": float(v) for k, v in m.items()}}
+                    if row is not None and main:
+                        row["elapsed_s"] = time.time() - start_time
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                        bar.set_postfix({k: round(v, 3) for k, v in row.items()
+                                         if k in ("loss", "reward", "eval_realized_accuracy")})
+                    flag = stop.flag or (stop_after is not None and self.step >= stop_after)
+                    interrupted = bool(self.dist.sum(torch.tensor(float(flag))) > 0)  # every rank stops together
+                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or interrupted:
+                        self.save()
+                    if interrupted and self.step < cfg.steps:
+                        raise Interrupted(f"stopped at step {self.step}; checkpoint saved in {self.ckpt}, "
+                                          "continue with --resume")
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        if main:
+            self.evaluate().to_csv(self.out / "metrics.csv", index=False)
+        if self.dist.world > 1:
+            dist.barrier()  # the next stage reads what rank 0 wrote
         return self.ckpt
 
     def _load_or_build_sft_data(self) -> torch.Tensor:
@@ -409,15 +500,18 @@ class Trainer:
             return load_file(str(path))["tokens"]
         data = reflective_sft_data(self.model, self.task, self.cfg.sft_questions, seed=self.cfg.seed,
                                    first_right_fraction=self.cfg.first_right_fraction)
+        if not self.dist.main:  # every rank builds the same data; one writes it
+            return data
         tmp = path.with_suffix(".tmp")
         save_file({"tokens": data}, str(tmp))
         tmp.rename(path)
         return data
 
 
-def _mean_counted(x: torch.Tensor, roles: torch.Tensor) -> float:
+def _mean_counted(x: torch.Tensor, roles: torch.Tensor, total=lambda t: t) -> float:
+    """Mean of ``x`` over sample and decision tokens (of all ranks, with ``total = Dist.sum``)."""
     mask = (roles == SAMPLE) | (roles == DECISION)
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+    return float(total((x.detach() * mask).sum()) / total(mask.sum()).clamp(min=1))
 
 
 def train_stage(cfg: TrainConfig, out, init=None, ref=None, resume=False, quiet=False,
@@ -440,7 +534,8 @@ def pipeline(preset: str, out, quiet: bool = False, resume: bool = False, **over
             t0 = time.time()
             train_stage(cfg, folder, init=paths.get(init), ref=paths.get(ref),
                         resume=resume and (folder / "checkpoint").exists(), quiet=quiet)
-            (folder / "wall_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
+            if int(os.environ.get("RANK", "0")) == 0:
+                (folder / "wall_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
         paths[name] = folder / "checkpoint"
     return paths
 
@@ -484,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

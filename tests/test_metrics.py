@@ -80,3 +80,22 @@ def test_metrics_have_intervals_and_counts():
 def test_empty_rollouts_error():
     with pytest.raises(ValueError, match="no rollouts"):
         ds_metrics(_constructed()[:0])
+
+
+def test_gain_decomposition_adds_up_and_isolates_each_part():
+    import pandas as pd
+
+    from tsds_interp.metrics import gain_decomposition
+
+    def frame(p, c, w):
+        return pd.DataFrame([dict(cell="2x2", metric=m, value=v, n=400)
+                             for m, v in (("p_s", p), ("p_d_given_c", c), ("p_d_given_w", w))])
+
+    base = frame(0.4, 0.8, 0.3)
+    only_decision = gain_decomposition(base, frame(0.4, 0.8, 0.7), budget=3).set_index("part")
+    assert only_decision.loc["sampling", "value"] == pytest.approx(0.0, abs=1e-12)
+    expected = float(predicted_accuracy(0.4, 0.8, 0.7, 3) - predicted_accuracy(0.4, 0.8, 0.3, 3))
+    assert only_decision.loc["decision", "value"] == pytest.approx(expected)
+    both = gain_decomposition(base, frame(0.6, 0.9, 0.5), budget=3).set_index("part")
+    assert both.loc["sampling", "value"] + both.loc["decision", "value"] == pytest.approx(both.loc["total", "value"])
+    assert both.loc["total", "lo"] < both.loc["total", "value"] < both.loc["total", "hi"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts
 from tsds_interp.task import num_digits
@@ -151,3 +152,57 @@ def ds_metrics(r: Rollouts, budget: int | None = None, n_boot: int = 2000, seed:
 def wide(df: pd.DataFrame) -> pd.DataFrame:
     """Metrics as columns, cells as rows (values only), for printing."""
     return df.pivot(index="cell", columns="metric", values="value")[df.metric.unique()]
+
+
+def heldout_metrics(model, n_questions: int = 2048, n_ood: int = 256, seed: int = 99,
+                    temperature: float = 1.0) -> pd.DataFrame:
+    """The standard held-out evaluation: ``n_questions`` test-split questions (the set training
+    evaluates on) plus ``n_ood`` out-of-distribution ones, rolled out at ``temperature``."""
+    from tsds_interp.model import config_of
+    from tsds_interp.rollout import rollout
+    from tsds_interp.task import Questions, sample_questions
+
+    task = config_of(model).task
+    qs = [sample_questions(task, "test", n_questions, seed=10_007)]
+    if n_ood and task.ood_cells:
+        qs.append(sample_questions(task, "ood", n_ood, seed=10_009))
+    q = Questions(torch.cat([x.a for x in qs]), torch.cat([x.b for x in qs]))
+    return ds_metrics(rollout(model, q, task=task, temperature=temperature, seed=seed))
+
+
+def _gain_parts(draws, budget: int):
+    (p0, c0, w0), (p1, c1, w1) = draws
+    acc = lambda p, c, w: predicted_accuracy(p, c, w, budget)
+    samp = (acc(p1, c0, w0) - acc(p0, c0, w0) + acc(p1, c1, w1) - acc(p0, c1, w1)) / 2
+    dec = (acc(p0, c1, w1) - acc(p0, c0, w0) + acc(p1, c1, w1) - acc(p1, c0, w0)) / 2
+    return samp + dec, samp, dec
+
+
+def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n_boot: int = 2000,
+                       seed: int = 0) -> pd.DataFrame:
+    """Split the predicted-accuracy gain from ``before`` to ``after`` (two :func:`ds_metrics`
+    frames) into a sampling part and a decision part, per cell.
+
+    With ``A(p_s, d)`` the predicted accuracy at budget K, ``d = (p_{d|C}, p_{d|W})``, the parts
+    are the Shapley averages over both orders of swapping one model's numbers for the other's:
+    ``sampling = [A(p1, d0) - A(p0, d0) + A(p1, d1) - A(p0, d1)] / 2`` and likewise for decision;
+    they add up to ``A(p1, d1) - A(p0, d0)``. 95% intervals from a parametric bootstrap of the
+    six proportions (their counts are the ``n`` column).
+    """
+    rng = np.random.default_rng(seed)
+    keys = ("p_s", "p_d_given_c", "p_d_given_w")
+    rows = []
+    for cell in [c for c in after.cell.unique() if c in set(before.cell)]:
+        vals = []
+        for frame in (before, after):
+            m = frame[frame.cell == cell].set_index("metric")
+            vals.append([(float(m.loc[k, "value"]), int(m.loc[k, "n"])) for k in keys])
+        if any(np.isnan(v) or n == 0 for model in vals for v, n in model):
+            continue
+
+        point = _gain_parts([[v for v, _ in model] for model in vals], budget)
+        boot = _gain_parts([[rng.binomial(n, v, n_boot) / n for v, n in model] for model in vals], budget)
+        for name, value, draws in zip(("total", "sampling", "decision"), point, boot):
+            lo, hi = np.percentile(draws, [2.5, 97.5])
+            rows.append(dict(cell=cell, part=name, value=float(value), lo=float(lo), hi=float(hi)))
+    return pd.DataFrame(rows)

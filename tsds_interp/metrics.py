@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 
 from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts
 from tsds_interp.task import num_digits
@@ -157,17 +156,19 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
 def heldout_metrics(model, n_questions: int = 2048, n_ood: int = 256, seed: int = 99,
                     temperature: float = 1.0) -> pd.DataFrame:
     """The standard held-out evaluation: ``n_questions`` test-split questions (the set training
-    evaluates on) plus ``n_ood`` out-of-distribution ones, rolled out at ``temperature``."""
+    evaluates on; cell ``all`` is theirs) plus ``n_ood`` out-of-distribution ones (their own
+    cells), rolled out at ``temperature``."""
     from tsds_interp.model import config_of
     from tsds_interp.rollout import rollout
-    from tsds_interp.task import Questions, sample_questions
+    from tsds_interp.task import sample_questions
 
     task = config_of(model).task
-    qs = [sample_questions(task, "test", n_questions, seed=10_007)]
+    kw = dict(task=task, temperature=temperature, seed=seed)
+    frames = [ds_metrics(rollout(model, sample_questions(task, "test", n_questions, seed=10_007), **kw))]
     if n_ood and task.ood_cells:
-        qs.append(sample_questions(task, "ood", n_ood, seed=10_009))
-    q = Questions(torch.cat([x.a for x in qs]), torch.cat([x.b for x in qs]))
-    return ds_metrics(rollout(model, q, task=task, temperature=temperature, seed=seed))
+        ood = ds_metrics(rollout(model, sample_questions(task, "ood", n_ood, seed=10_009), **kw))
+        frames.append(ood[ood.cell != "all"])
+    return pd.concat(frames, ignore_index=True)
 
 
 def _gain_parts(draws, budget: int):

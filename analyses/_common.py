@@ -1,0 +1,55 @@
+"""Helpers shared by the analysis scripts: which checkpoints to compare and their held-out metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from tsds_interp.metrics import heldout_metrics
+from tsds_interp.model import load
+
+KEY_METRICS = ("p_s_first", "p_s", "p_d_given_c", "p_d_given_w", "realized_accuracy", "predicted_accuracy@3",
+               "pass@3")
+
+
+def checkpoint_groups(labels: list[str], seed_runs: list[str] | None) -> dict[str, list[str]]:
+    """label -> checkpoints, one per seed: shipped names by default, else ``RUN/label/checkpoint``."""
+    if not seed_runs:
+        return {label: [label] for label in labels}
+    groups = {label: [str(Path(r) / label / "checkpoint") for r in seed_runs] for label in labels}
+    missing = [c for cs in groups.values() for c in cs if not Path(c).is_dir()]
+    if missing:
+        raise SystemExit(f"error: no checkpoint at {missing[0]}; train it or drop that run from --seed-runs")
+    return groups
+
+
+def evaluate_groups(groups: dict[str, list[str]], n_questions: int, n_ood: int = 256) -> pd.DataFrame:
+    """Held-out DS metrics of every checkpoint: tidy, with ``label`` and ``seed`` (its index)."""
+    frames = []
+    for label, ckpts in groups.items():
+        for seed, ckpt in enumerate(ckpts):
+            df = heldout_metrics(load(ckpt), n_questions=n_questions, n_ood=n_ood)
+            frames.append(df.assign(label=label, seed=seed, checkpoint=ckpt))
+    return pd.concat(frames, ignore_index=True)
+
+
+def over_seeds(df: pd.DataFrame, value: str = "value", keys=("label", "cell", "metric")) -> pd.DataFrame:
+    """Mean over seeds with a 95% t-interval; with one seed, that seed's own interval (lo, hi)."""
+    rows = []
+    for key, part in df.groupby(list(keys), sort=False):
+        v = part[value].to_numpy(float)
+        k = len(v)
+        if k > 1:
+            half = stats.t.ppf(0.975, k - 1) * v.std(ddof=1) / np.sqrt(k)
+            lo, hi = v.mean() - half, v.mean() + half
+        else:
+            lo, hi = float(part["lo"].iloc[0]), float(part["hi"].iloc[0])
+        rows.append({**dict(zip(keys, key)), "mean": v.mean(), "lo": lo, "hi": hi, "seeds": k})
+    return pd.DataFrame(rows)
+
+
+def fmt(mean: float, lo: float, hi: float) -> str:
+    return "—" if np.isnan(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"

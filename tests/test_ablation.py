@@ -35,3 +35,35 @@ def test_sweep_labels_every_component(trained_tiny):
 def test_ablation_cli_errors(tmp_path):
     assert main(["--checkpoint", str(tmp_path / "none")]) == 2
     assert main(["--checkpoint", str(tmp_path), "--questions", "0"]) == 2
+
+
+def test_transplanting_every_component_from_an_identical_model_changes_nothing(tiny_cfg):
+    from tsds_interp.ablation import components, transplant_hooks
+    from tsds_interp.model import build_model
+
+    target, source = build_model(tiny_cfg), build_model(tiny_cfg)
+    tokens = torch.randint(0, 10, (3, 9))
+    with torch.no_grad():
+        base = target(tokens)
+        with target.hooks(fwd_hooks=transplant_hooks(source, components(target))):
+            same = target(tokens)
+    assert torch.allclose(base, same, atol=1e-6)
+    assert not any(h.fwd_hooks for h in target.hook_dict.values())
+
+
+def test_transplanting_the_changed_component_reproduces_the_source(tiny_cfg):
+    from tsds_interp.ablation import transplant_hooks
+    from tsds_interp.model import ModelConfig, build_model
+
+    target = build_model(ModelConfig(**{**tiny_cfg.to_dict(), "seed": 11}))
+    source = build_model(ModelConfig(**{**tiny_cfg.to_dict(), "seed": 12}))
+    source.load_state_dict(target.state_dict())
+    with torch.no_grad():  # same weights except the last MLP: transplanting it gives the source's output
+        sd = dict(source.named_parameters())
+        next(v for k, v in sd.items() if "layers.1." in k and "fc_out" in k and k.endswith("weight")).mul_(2.0)
+        tokens = torch.randint(0, 10, (2, 8))
+        want = source(tokens)
+        with target.hooks(fwd_hooks=transplant_hooks(source, [("blocks.1.hook_mlp_out", 1, None)])):
+            got = target(tokens)
+    assert not torch.allclose(want, target(tokens))
+    assert torch.allclose(got, want, atol=1e-5)

@@ -164,3 +164,28 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def transplant_hooks(source, comps: list[tuple[str, int, int | None]]) -> list[tuple[str, callable]]:
+    """Forward hooks for a target model that replace each component in ``comps`` (hook name,
+    layer, head or None) with ``source``'s activation on the same tokens: cross-model activation
+    patching that also works during rollouts (use with :func:`rollout_with_hooks`)."""
+    names = sorted({c[0] for c in comps})
+    check_hook_names(source, names)
+    store: dict[str, torch.Tensor] = {}
+
+    def read_tokens(tokens, hook):
+        with torch.no_grad():
+            _, cache = source.run_with_cache(tokens, names_filter=lambda n: n in names)
+        store.update({n: cache[n] for n in names})
+
+    def replace(act, hook, name, head):
+        act = act.clone()
+        if head is None:
+            act.copy_(store[name])
+        else:
+            act[:, :, head] = store[name][:, :, head]
+        return act
+
+    return [("embed.hook_in", read_tokens)] + [
+        (name, lambda a, hook, name=name, head=head: replace(a, hook, name, head)) for name, _, head in comps]

@@ -1,0 +1,35 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from tsds_interp.model import CheckpointError, load
+from tsds_interp.ship import main, ship
+
+
+def test_ship_copies_weights_and_records_manifest(trained_tiny, tmp_path):
+    paths, out = trained_tiny
+    entry = ship(out / "rl", "rl_tiny", "python -m tsds_interp.train pipeline --preset tiny", dest=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "rl_tiny").iterdir()) == ["config.json", "model.safetensors"]
+    a, b = load(paths["rl"]), load(tmp_path / "rl_tiny")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["rl_tiny"]["stage"] == "rl" and manifest["rl_tiny"]["steps"] == 30
+    assert entry["heldout_all"]["realized_accuracy"] == pytest.approx(
+        pd.read_csv(tmp_path / "heldout_metrics.csv").query("cell == 'all' and metric == 'realized_accuracy'")
+        .value.item(), abs=1e-4)
+    ship(out / "rl", "rl_tiny", "again", dest=tmp_path)  # re-shipping replaces, never duplicates
+    assert len(pd.read_csv(tmp_path / "heldout_metrics.csv").query("cell == 'all'").model.unique()) == 1
+
+
+def test_ship_errors(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="train the stage first"):
+        ship(tmp_path, "x", "cmd", dest=tmp_path)
+    assert main([str(tmp_path / "nope"), "x", "--command", "c"]) == 2
+    assert "train the stage first" in capsys.readouterr().err
+
+
+def test_every_shipped_name_loads():
+    for name in ("base", "sft", "rl"):
+        assert load(name).cfg.n_layers == 4

@@ -53,3 +53,16 @@ def over_seeds(df: pd.DataFrame, value: str = "value", keys=("label", "cell", "m
 
 def fmt(mean: float, lo: float, hi: float) -> str:
     return "—" if np.isnan(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def cell_points(ax, agg: pd.DataFrame, metric: str, labels, cells: list[str]) -> None:
+    """One metric per cell for several models: points with 95% interval bars, side by side."""
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        part = agg[(agg.metric == metric) & (agg.label == label)].set_index("cell").reindex(cells)
+        x = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(cells))]
+        ax.errorbar(x, part["mean"], yerr=[part["mean"] - part["lo"], part["hi"] - part["mean"]], fmt="o",
+                    label=label, capsize=2)
+    ax.set_xticks(range(len(cells)), cells, rotation=45, fontsize=8)
+    ax.set(title=metric, ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8)

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import KEY_METRICS, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
+from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
 
 LABELS = ("sft", "sft_balanced", "rl")
 SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy")
@@ -40,14 +40,7 @@ def figure(agg: pd.DataFrame, path: Path) -> None:
     cells = [c for c in agg.cell.unique() if c != "all"] + ["all"]
     fig, axes = plt.subplots(1, len(SHOWN), figsize=(4 * len(SHOWN), 3.8))
     for ax, metric in zip(axes, SHOWN):
-        for i, label in enumerate(LABELS):
-            part = agg[(agg.metric == metric) & (agg.label == label)].set_index("cell").reindex(cells)
-            x = [j + (i - 1) * 0.25 for j in range(len(cells))]
-            ax.errorbar(x, part["mean"], yerr=[part["mean"] - part["lo"], part["hi"] - part["mean"]], fmt="o",
-                        label=label, capsize=2)
-        ax.set_xticks(range(len(cells)), cells, rotation=45, fontsize=8)
-        ax.set(title=metric, ylim=(-0.02, 1.02))
-        ax.legend(fontsize=8)
+        cell_points(ax, agg, metric, LABELS, cells)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

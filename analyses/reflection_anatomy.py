@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import KEY_METRICS, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
+from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
 
 from tsds_interp.metrics import gain_decomposition  # noqa: E402
 
@@ -42,14 +42,7 @@ def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path) -> None:
     cells = [c for c in anatomy.cell.unique() if c != "all"] + ["all"]
     fig, axes = plt.subplots(1, len(SHOWN) + 1, figsize=(4 * (len(SHOWN) + 1), 3.8))
     for ax, metric in zip(axes, SHOWN):
-        for i, label in enumerate(("sft", "rl")):
-            part = anatomy[(anatomy.metric == metric) & (anatomy.label == label)].set_index("cell").reindex(cells)
-            x = [j + (i - 0.5) * 0.3 for j in range(len(cells))]
-            ax.errorbar(x, part["mean"], yerr=[part["mean"] - part["lo"], part["hi"] - part["mean"]], fmt="o",
-                        label=label, capsize=2)
-        ax.set_xticks(range(len(cells)), cells, rotation=45, fontsize=8)
-        ax.set(title=metric, ylim=(-0.02, 1.02))
-        ax.legend(fontsize=8)
+        cell_points(ax, anatomy, metric, ("sft", "rl"), cells)
     ax = axes[-1]
     for i, part_name in enumerate(("sampling", "decision", "total")):
         part = dec[dec.part == part_name].set_index("cell").reindex([c for c in cells if c in set(dec.cell)])

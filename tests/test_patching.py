@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -156,3 +157,10 @@ def test_attribution_equals_exact_patching_when_metric_is_linear(grid):
     assert exact.abs().max() > 1e-3
     assert torch.allclose(approx, exact, atol=1e-5, rtol=1e-4)
     assert _no_hooks(model)
+
+
+def test_patch_cli_runs_under_bf16_autocast(tmp_path, capsys):
+    assert patch_main(["--checkpoint", "rl", "--function", "sampling", "--pairs", "4", "--autocast", "bf16",
+                       "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["autocast"] == "bf16" and run["peak_memory_mb"] > 0

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tsds_interp.metrics import Z95, ds_metrics
-from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint
+from tsds_interp.model import CheckpointError, autocast, config_of, load, resolve_checkpoint
 from tsds_interp.patching import check_hook_names
 from tsds_interp.plotting import heatmap
 from tsds_interp.rollout import rollout
@@ -137,14 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/ablation")
     p.add_argument("--max-batch", type=int, default=2048, help="episodes decoded at once (memory bound)")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bfloat16 autocast")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     try:
         if args.questions < 1 or args.max_batch < 1:
             raise ValueError(f"--questions and --max-batch must be >= 1, got {args.questions}, {args.max_batch}")
         model = load(resolve_checkpoint(args.checkpoint), device=args.device)
-        df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
-                            quiet=args.quiet, max_batch=args.max_batch)
+        with autocast(args.device, args.autocast):
+            df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
+                                quiet=args.quiet, max_batch=args.max_batch)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

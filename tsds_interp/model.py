@@ -195,6 +195,11 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") ->
     return model
 
 
+def autocast(device: str | torch.device, mode: str = "none"):
+    """bfloat16 autocast on ``device`` when ``mode == 'bf16'``, else a no-op context."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16")
+
+
 def run_versions() -> dict:
     """Library versions and git commit, for run records."""
     import subprocess

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint, run_versions
+from tsds_interp.model import CheckpointError, autocast, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import (
     activation_patch,
     attribution_patch,
@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-mb", type=float, default=256,
                    help="activation budget of one batch of patched variants (chunks the sweep)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bfloat16 autocast")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -120,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         if args.memory_mb <= 0:
             raise ValueError(f"--memory-mb must be > 0, got {args.memory_mb}")
-        df = pd.concat([run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
-                                     args.direction, args.memory_mb) for f in functions], ignore_index=True)
+        with autocast(args.device, args.autocast):
+            df = pd.concat([run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
+                                         args.direction, args.memory_mb) for f in functions], ignore_index=True)
+        df["value"] = df["value"].astype(float)
         elapsed = time.time() - t0
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

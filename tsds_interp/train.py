@@ -35,6 +35,7 @@ from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import (
     CheckpointError,
     ModelConfig,
+    autocast,
     build_model,
     config_of,
     load,
@@ -418,8 +419,7 @@ class Trainer:
 
     def autocast(self):
         """bfloat16 autocast on the configured device when ``autocast == 'bf16'`` (else a no-op)."""
-        return torch.autocast(torch.device(self.cfg.device).type, dtype=torch.bfloat16,
-                              enabled=self.cfg.autocast == "bf16")
+        return autocast(self.cfg.device, self.cfg.autocast)
 
     def train_step(self) -> dict:
         with self.autocast():

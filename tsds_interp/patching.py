@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tsds_interp.rollout import rollout
+from tsds_interp.rollout import CachedStepper, rollout
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
@@ -185,6 +185,8 @@ def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    if grid == "head_pos" and _PrefixReuse.supports(model):
+        return _PrefixReuse(model).head_pos(base, source, metric, memory_mb)
     cfg = model.cfg
     names = [hook_name(grid, layer) for layer in range(cfg.n_layers)]
     axes = GRIDS[grid][1]
@@ -220,6 +222,86 @@ def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
     full[:, live] = out[:, : len(live)]
     shape = [cfg.n_layers] + [T if a == "pos" else cfg.n_heads for a in axes[1:]]
     return full.view(shape)
+
+
+class _PrefixReuse:
+    """Exact head x position patching that recomputes only what a patch can change.
+
+    Patching head h's ``hook_z`` at layer l and position p leaves every layer below l and, with
+    causal attention, every position before p as in the base run. So each patched variant starts
+    from the base run's residual stream at layer l, recomputes positions p.. only, and attends to
+    the base run's cached keys and values for positions before p. It runs the model's own weights
+    (the native layout :class:`tsds_interp.rollout.CachedStepper` runs); results equal the hooked
+    model's to float rounding (tested against ``transformer_lens.patching``).
+    """
+
+    def __init__(self, model):
+        self.w = CachedStepper(model, 0, 0)
+        self.cfg = model.cfg
+
+    @staticmethod
+    def supports(model) -> bool:
+        keys = model.state_dict().keys()
+        return ({"embed.weight", "pos_embed.weight", "blocks.0.attn.q.weight", "ln_final.weight"} <= set(keys)
+                and getattr(model.cfg, "positional_embedding_type", "standard") == "standard")
+
+    def _attend(self, x: Tensor, layer: int, k_prefix: Tensor | None, v_prefix: Tensor | None,
+                z_patch=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One block on positions ``start..`` (the prefix's keys/values cover ``..start``)."""
+        w, cfg = self.w, self.cfg
+        n, new, _ = x.shape
+        start = 0 if k_prefix is None else k_prefix.shape[2]
+        p = f"blocks.{layer}"
+        split = lambda t: t.view(n, new, cfg.n_heads, cfg.d_head).transpose(1, 2)
+        h = w._ln(x, f"{p}.ln1")
+        q, k, v = (split(w._lin(h, f"{p}.attn.{m}")) for m in "qkv")
+        keys = k if k_prefix is None else torch.cat([k_prefix, k], 2)
+        vals = v if v_prefix is None else torch.cat([v_prefix, v], 2)
+        scores = q @ keys.transpose(-1, -2) / cfg.d_head**0.5
+        mask = torch.ones(new, start + new, dtype=torch.bool, device=x.device).triu(start + 1)
+        z = scores.masked_fill(mask, float("-inf")).softmax(-1) @ vals  # [n, head, new, d_head]
+        if z_patch is not None:
+            z = z_patch(z)
+        x = x + w._lin(z.transpose(1, 2).reshape(n, new, -1), f"{p}.attn.o")
+        x = x + w._lin(w.act(w._lin(w._ln(x, f"{p}.ln2"), f"{p}.mlp.in")), f"{p}.mlp.out")
+        return x, k, v, z
+
+    def _run(self, tokens: Tensor) -> tuple[list, list, list, list, Tensor]:
+        w = self.w.w
+        x = w["embed.weight"][tokens] + w["pos_embed.weight"][: tokens.shape[1]]
+        resid, ks, vs, zs = [], [], [], []
+        for layer in range(self.cfg.n_layers):
+            resid.append(x)
+            x, k, v, z = self._attend(x, layer, None, None)
+            ks.append(k), vs.append(v), zs.append(z)
+        return resid, ks, vs, zs, self.w._lin(self.w._ln(x, "ln_final"), "unembed")
+
+    @torch.no_grad()
+    def head_pos(self, base: Tensor, source: Tensor, metric: Metric, memory_mb: float) -> Tensor:
+        cfg = self.cfg
+        n_heads, n_layers = cfg.n_heads, cfg.n_layers
+        resid, ks, vs, zs, base_logits = self._run(base)
+        src_z = self._run(source)[3]
+        B, T = base.shape
+        out = torch.full((n_layers, T, n_heads), float(metric(base_logits)))
+        differs = (base != source).any(0).nonzero()
+        first = int(differs[0]) if len(differs) else T
+        rep = lambda t: t.repeat(n_heads, *([1] * (t.dim() - 1)))
+        heads = torch.arange(n_heads)
+        for layer in range(n_layers):
+            for pos in range(first, T):
+                def patch(z, layer=layer, pos=pos):  # variant h takes the source's head h at pos
+                    z = z.clone().view(n_heads, B, *z.shape[1:])
+                    z[heads, :, heads, 0] = src_z[layer][:, :, pos].permute(1, 0, 2)
+                    return z.view(-1, *z.shape[2:])
+                x = rep(resid[layer][:, pos:])
+                x, _, _, _ = self._attend(x, layer, rep(ks[layer][:, :, :pos]), rep(vs[layer][:, :, :pos]), patch)
+                for later in range(layer + 1, n_layers):
+                    x, _, _, _ = self._attend(x, later, rep(ks[later][:, :, :pos]), rep(vs[later][:, :, :pos]))
+                logits = self.w._lin(self.w._ln(x, "ln_final"), "unembed")
+                logits = torch.cat([rep(base_logits[:, :pos]), logits], 1).view(n_heads, B, T, -1)
+                out[layer, pos] = torch.stack([metric(lg) for lg in logits]).float()
+        return out
 
 
 # ---------------------------------------------------------------- attribution patching

@@ -31,5 +31,5 @@ def test_ship_errors(tmp_path, capsys):
 
 
 def test_every_shipped_name_loads():
-    for name in ("base", "sft", "rl"):
+    for name in ("base", "sft", "rl", "sft_balanced"):
         assert load(name).cfg.n_layers == 4

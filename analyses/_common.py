@@ -61,8 +61,8 @@ def cell_points(ax, agg: pd.DataFrame, metric: str, labels, cells: list[str]) ->
     for i, label in enumerate(labels):
         part = agg[(agg.metric == metric) & (agg.label == label)].set_index("cell").reindex(cells)
         x = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(cells))]
-        ax.errorbar(x, part["mean"], yerr=[part["mean"] - part["lo"], part["hi"] - part["mean"]], fmt="o",
-                    label=label, capsize=2)
+        yerr = np.clip([part["mean"] - part["lo"], part["hi"] - part["mean"]], 0, None)  # rounding
+        ax.errorbar(x, part["mean"], yerr=yerr, fmt="o", label=label, capsize=2)
     ax.set_xticks(range(len(cells)), cells, rotation=45, fontsize=8)
     ax.set(title=metric, ylim=(-0.02, 1.02))
     ax.legend(fontsize=8)

@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,7 +49,7 @@ def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path) -> None:
         part = dec[dec.part == part_name].set_index("cell").reindex([c for c in cells if c in set(dec.cell)])
         x = [j + (i - 1) * 0.25 for j in range(len(part))]
         ax.bar(x, part["mean"], width=0.25, label=part_name,
-               yerr=[part["mean"] - part["lo"], part["hi"] - part["mean"]], capsize=2)
+               yerr=np.clip([part["mean"] - part["lo"], part["hi"] - part["mean"]], 0, None), capsize=2)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xticks(range(len(part)), part.index, rotation=45, fontsize=8)
     ax.set(title="RL - SFT predicted accuracy: parts")

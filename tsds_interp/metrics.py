@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts
-from tsds_interp.task import num_digits
+from tsds_interp.model import config_of
+from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts, rollout
+from tsds_interp.task import num_digits, sample_questions
 
 Z95 = 1.959963984540054
 
@@ -158,10 +159,6 @@ def heldout_metrics(model, n_questions: int = 2048, n_ood: int = 256, seed: int 
     """The standard held-out evaluation: ``n_questions`` test-split questions (the set training
     evaluates on; cell ``all`` is theirs) plus ``n_ood`` out-of-distribution ones (their own
     cells), rolled out at ``temperature``."""
-    from tsds_interp.model import config_of
-    from tsds_interp.rollout import rollout
-    from tsds_interp.task import sample_questions
-
     task = config_of(model).task
     kw = dict(task=task, temperature=temperature, seed=seed)
     frames = [ds_metrics(rollout(model, sample_questions(task, "test", n_questions, seed=10_007), **kw))]

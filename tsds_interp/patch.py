@@ -118,13 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         path = resolve_checkpoint(args.checkpoint)
         model = load(path, device=args.device)
         functions = ("decision", "sampling") if args.function == "both" else (args.function,)
-        t0 = time.time()
         if args.memory_mb <= 0:
             raise ValueError(f"--memory-mb must be > 0, got {args.memory_mb}")
+        t0 = time.time()
         with autocast(args.device, args.autocast):
             df = pd.concat([run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
                                          args.direction, args.memory_mb) for f in functions], ignore_index=True)
-        df["value"] = df["value"].astype(float)
         elapsed = time.time() - t0
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

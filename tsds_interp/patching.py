@@ -245,26 +245,12 @@ class _PrefixReuse:
         return ({"embed.weight", "pos_embed.weight", "blocks.0.attn.q.weight", "ln_final.weight"} <= set(keys)
                 and getattr(model.cfg, "positional_embedding_type", "standard") == "standard")
 
-    def _attend(self, x: Tensor, layer: int, k_prefix: Tensor | None, v_prefix: Tensor | None,
-                z_patch=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One block on positions ``start..`` (the prefix's keys/values cover ``..start``)."""
-        w, cfg = self.w, self.cfg
-        n, new, _ = x.shape
-        start = 0 if k_prefix is None else k_prefix.shape[2]
-        p = f"blocks.{layer}"
-        split = lambda t: t.view(n, new, cfg.n_heads, cfg.d_head).transpose(1, 2)
-        h = w._ln(x, f"{p}.ln1")
-        q, k, v = (split(w._lin(h, f"{p}.attn.{m}")) for m in "qkv")
-        keys = k if k_prefix is None else torch.cat([k_prefix, k], 2)
-        vals = v if v_prefix is None else torch.cat([v_prefix, v], 2)
-        scores = q @ keys.transpose(-1, -2) / cfg.d_head**0.5
-        mask = torch.ones(new, start + new, dtype=torch.bool, device=x.device).triu(start + 1)
-        z = scores.masked_fill(mask, float("-inf")).softmax(-1) @ vals  # [n, head, new, d_head]
-        if z_patch is not None:
-            z = z_patch(z)
-        x = x + w._lin(z.transpose(1, 2).reshape(n, new, -1), f"{p}.attn.o")
-        x = x + w._lin(w.act(w._lin(w._ln(x, f"{p}.ln2"), f"{p}.mlp.in")), f"{p}.mlp.out")
-        return x, k, v, z
+    def _block(self, x: Tensor, layer: int, k_prefix: Tensor | None = None, v_prefix: Tensor | None = None,
+               z_patch=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One block on the positions after the prefix, whose keys and values are given."""
+        kv = (lambda k, v: (k, v)) if k_prefix is None else (
+            lambda k, v: (torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2)))
+        return self.w.block(x, layer, kv, z_patch)
 
     def _run(self, tokens: Tensor) -> tuple[list, list, list, list, Tensor]:
         w = self.w.w
@@ -272,7 +258,7 @@ class _PrefixReuse:
         resid, ks, vs, zs = [], [], [], []
         for layer in range(self.cfg.n_layers):
             resid.append(x)
-            x, k, v, z = self._attend(x, layer, None, None)
+            x, k, v, z = self._block(x, layer)
             ks.append(k), vs.append(v), zs.append(z)
         return resid, ks, vs, zs, self.w._lin(self.w._ln(x, "ln_final"), "unembed")
 
@@ -295,9 +281,9 @@ class _PrefixReuse:
                     z[heads, :, heads, 0] = src_z[layer][:, :, pos].permute(1, 0, 2)
                     return z.view(-1, *z.shape[2:])
                 x = rep(resid[layer][:, pos:])
-                x, _, _, _ = self._attend(x, layer, rep(ks[layer][:, :, :pos]), rep(vs[layer][:, :, :pos]), patch)
+                x = self._block(x, layer, rep(ks[layer][:, :, :pos]), rep(vs[layer][:, :, :pos]), patch)[0]
                 for later in range(layer + 1, n_layers):
-                    x, _, _, _ = self._attend(x, later, rep(ks[later][:, :, :pos]), rep(vs[later][:, :, :pos]))
+                    x = self._block(x, later, rep(ks[later][:, :, :pos]), rep(vs[later][:, :, :pos]))[0]
                 logits = self.w._lin(self.w._ln(x, "ln_final"), "unembed")
                 logits = torch.cat([rep(base_logits[:, :pos]), logits], 1).view(n_heads, B, T, -1)
                 out[layer, pos] = torch.stack([metric(lg) for lg in logits]).float()

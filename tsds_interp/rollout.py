@@ -99,26 +99,40 @@ class CachedStepper:
     def _lin(self, x, name):
         return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
 
+    def block(self, x: Float[Tensor, "batch new d_model"], layer: int, kv, z_patch=None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One transformer block on ``new`` positions. ``kv(k, v) -> (keys, vals)`` supplies all
+        keys and values up to these positions (e.g. a cache with these written in); ``z_patch``
+        may edit the heads' outputs ``z [batch, head, new, d_head]``. Returns ``(x, k, v, z)``."""
+        n, new, _ = x.shape
+        p = f"blocks.{layer}"
+        split = lambda t: t.view(n, new, self.n_heads, self.d_head).transpose(1, 2)
+        h = self._ln(x, f"{p}.ln1")
+        q, k, v = (split(self._lin(h, f"{p}.attn.{m}")) for m in "qkv")
+        keys, vals = kv(k, v)
+        end = keys.shape[2]
+        scores = q @ keys.transpose(-1, -2) / self.d_head**0.5
+        if new > 1:
+            mask = torch.ones(new, end, dtype=torch.bool, device=x.device).triu(end - new + 1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        z = scores.softmax(-1) @ vals
+        if z_patch is not None:
+            z = z_patch(z)
+        x = x + self._lin(z.transpose(1, 2).reshape(n, new, -1), f"{p}.attn.o")
+        h = self._ln(x, f"{p}.ln2")
+        x = x + self._lin(self.act(self._lin(h, f"{p}.mlp.in")), f"{p}.mlp.out")
+        return x, k, v, z
+
     def _forward(self, tokens: Int[Tensor, "batch new"]) -> Float[Tensor, "batch vocab"]:
         n, new = tokens.shape
         start, end = self.len, self.len + new
         x = self.w["embed.weight"][tokens] + self.w["pos_embed.weight"][start:end]
-        split = lambda t: t.view(n, new, self.n_heads, self.d_head).transpose(1, 2)
         for layer in range(self.n_layers):
-            p = f"blocks.{layer}"
-            h = self._ln(x, f"{p}.ln1")
-            q, k, v = (split(self._lin(h, f"{p}.attn.{m}")) for m in "qkv")
-            self.k[layer][:n, :, start:end] = k
-            self.v[layer][:n, :, start:end] = v
-            keys, vals = self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
-            scores = q @ keys.transpose(-1, -2) / self.d_head**0.5
-            if new > 1:
-                mask = torch.ones(new, end, dtype=torch.bool, device=x.device).triu(start + 1)
-                scores = scores.masked_fill(mask, float("-inf"))
-            z = (scores.softmax(-1) @ vals).transpose(1, 2).reshape(n, new, -1)
-            x = x + self._lin(z, f"{p}.attn.o")
-            h = self._ln(x, f"{p}.ln2")
-            x = x + self._lin(self.act(self._lin(h, f"{p}.mlp.in")), f"{p}.mlp.out")
+            def write(k, v, layer=layer):
+                self.k[layer][:n, :, start:end] = k
+                self.v[layer][:n, :, start:end] = v
+                return self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
+            x = self.block(x, layer, write)[0]
         x = self._ln(x[:, -1], "ln_final")
         self.len = end
         return self._lin(x, "unembed")

@@ -357,8 +357,7 @@ class Trainer:
         return batch[self.dist.shard(len(batch), "the batch")]
 
     def _sft_terms(self, tokens):
-        if self.dist.world == 1:  # drop all-PAD columns (ranks keep the full width so the graphs match)
-            tokens = tokens[:, : int((tokens != PAD).sum(1).max())]
+        tokens = tokens[:, : int((tokens != PAD).sum(1).max())]  # drop all-PAD columns
         logp, ent = token_logprobs(self.net, tokens.to(self.cfg.device))
         roles = token_roles(tokens, self.task).to(self.cfg.device)
         weighting = "token_mean" if self.cfg.stage == "pretrain" else self.cfg.weighting

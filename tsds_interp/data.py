@@ -1,13 +1,26 @@
-"""Training data: correct solutions for pretraining, reflective SFT data from the model's own samples."""
+"""Training data: correct solutions for pretraining, reflective SFT data from the model's own samples,
+and paired verification rows (the same question with a right and a wrong candidate)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
+import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from tsds_interp.rollout import rollout
-from tsds_interp.task import ACCEPT, REJECT, TaskConfig, build_trajectories, sample_questions
+from tsds_interp.task import (
+    ACCEPT,
+    REJECT,
+    TaskConfig,
+    build_trajectories,
+    corrupt_digit,
+    sample_questions,
+)
+
+Mix = Literal["fixed", "natural"]
 
 
 def solution_batch(task: TaskConfig, n: int, seed: int) -> Int[Tensor, "n pos"]:
@@ -17,24 +30,35 @@ def solution_batch(task: TaskConfig, n: int, seed: int) -> Int[Tensor, "n pos"]:
     return build_trajectories(q.a, q.b, [q.a * q.b], [accept], task)
 
 
+def _own_candidates(model, q, task: TaskConfig, k: int, temperature: float, seed: int,
+                    batch_size: int) -> list[Int[Tensor, " n"]]:
+    """``k`` independent first-attempt candidates per question (-1 where malformed)."""
+    return [rollout(model, q, task=task, budget=1, temperature=temperature, seed=seed * 1009 + i,
+                    batch_size=batch_size).values[:, 0] for i in range(k)]
+
+
 @torch.no_grad()
 def reflective_sft_data(model, task: TaskConfig, n: int, seed: int, first_right_fraction: float = 0.5,
-                        temperature: float = 1.0, batch_size: int = 2048) -> Int[Tensor, "m pos"]:
+                        temperature: float = 1.0, batch_size: int = 2048, mix: Mix = "fixed"
+                        ) -> Int[Tensor, "m pos"]:
     """Reflective trajectories labelled by the exact checker from the model's own candidates.
 
-    For each question, ``budget`` candidates are sampled independently (first attempts of separate
-    rollouts). The trajectory keeps them up to the first right one; wrong ones are followed by
-    REJECT, the right one by ACCEPT. If none of the first ``budget - 1`` is right, the last attempt
-    is the true product (a corrected trajectory). Trajectories right at the first attempt are then
-    subsampled so that they make up ``first_right_fraction`` of the data where the counts allow
-    (the rest are corrected ones); fewer than ``n`` rows come back if there are too few of a kind.
+    For each question, ``budget`` candidates are sampled independently at ``temperature`` (first
+    attempts of separate rollouts). The trajectory keeps them up to the first right one; wrong ones
+    are followed by REJECT, the right one by ACCEPT. If none of the first ``budget - 1`` is right,
+    the last attempt is the true product (a corrected trajectory). With ``mix="natural"`` every
+    usable trajectory is kept, so the share right at the first attempt is the model's own accuracy
+    in each cell; with ``mix="fixed"`` trajectories right at the first attempt are subsampled to
+    ``first_right_fraction`` of the data where the counts allow (fewer than ``n`` rows come back if
+    there are too few of a kind).
     """
     if not 0 <= first_right_fraction <= 1:
         raise ValueError(f"first_right_fraction must be in [0, 1], got {first_right_fraction}")
+    if mix not in ("fixed", "natural"):
+        raise ValueError(f"mix must be 'fixed' or 'natural', got {mix!r}")
     q = sample_questions(task, "train", n, seed)
     K = task.budget
-    cands = [rollout(model, q, task=task, budget=1, temperature=temperature, seed=seed * 1009 + i,
-                     batch_size=batch_size).values[:, 0] for i in range(K)]
+    cands = _own_candidates(model, q, task, K, temperature, seed, batch_size)
     truth = q.a * q.b
     cands[-1] = truth
     right = torch.stack([c == truth for c in cands], 1)
@@ -50,6 +74,10 @@ def reflective_sft_data(model, task: TaskConfig, n: int, seed: int, first_right_
     if n_first + n_corr == 0:
         raise ValueError("no usable reflective trajectories (the model wrote no well-formed candidate); "
                          "sample more questions or train the model longer")
+    gen = torch.Generator().manual_seed(seed)
+    if mix == "natural":
+        idx = usable.nonzero().squeeze(1)
+        return traj[idx[torch.randperm(len(idx), generator=gen)]]
     # Largest total with the asked-for mix that both pools can fill.
     total = n_first + n_corr
     if 0 < first_right_fraction < 1:
@@ -60,8 +88,33 @@ def reflective_sft_data(model, task: TaskConfig, n: int, seed: int, first_right_
                          "or change the fraction")
     k_first = round(total * first_right_fraction)
     k_corr = total - k_first
-    gen = torch.Generator().manual_seed(seed)
     idx_first = first.nonzero().squeeze(1)[torch.randperm(n_first, generator=gen)[:k_first]]
     idx_corr = corrected.nonzero().squeeze(1)[torch.randperm(n_corr, generator=gen)[:k_corr]]
     idx = torch.cat([idx_first, idx_corr])
     return traj[idx[torch.randperm(len(idx), generator=gen)]]
+
+
+@torch.no_grad()
+def verification_data(model, task: TaskConfig, n: int, seed: int, samples: int = 4,
+                      temperature: float = 1.0, batch_size: int = 2048) -> Int[Tensor, "m pos"]:
+    """Paired verification rows: for each of ``n`` training questions, ``prompt truth ACCEPT`` and
+    ``prompt wrong REJECT``, so the question alone says nothing about the label.
+
+    The wrong candidate is the first of ``samples`` of the model's own first attempts (at
+    ``temperature``) that is well-formed and wrong; where the model wrote none, the true product
+    with one digit changed stands in. Rows are in question order, the right one first.
+    """
+    if n < 1:
+        raise ValueError(f"verification_data needs n >= 1 questions, got {n}")
+    q = sample_questions(task, "train", n, seed + 7)
+    truth = q.a * q.b
+    wrong = torch.full_like(truth, -1)
+    for c in _own_candidates(model, q, task, samples, temperature, seed + 7, batch_size):
+        take = (wrong < 0) & (c >= 0) & (c != truth)
+        wrong[take] = c[take]
+    missing = wrong < 0
+    wrong[missing] = corrupt_digit(truth[missing], task, np.random.default_rng(seed))
+    a, b = q.a.repeat_interleave(2), q.b.repeat_interleave(2)
+    cand = torch.stack([truth, wrong], 1).flatten()
+    dec = torch.tensor([ACCEPT, REJECT]).repeat(n)
+    return build_trajectories(a, b, [cand], [dec], task)

@@ -18,12 +18,27 @@ a parametric-bootstrap 95% interval from the three counts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from tsds_interp.model import config_of
 from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts, rollout
-from tsds_interp.task import num_digits, sample_questions
+from tsds_interp.task import (
+    ACCEPT,
+    REJECT,
+    Questions,
+    TaskConfig,
+    answer_tokens,
+    num_digits,
+    prompt_tokens,
+    sample_questions,
+)
 
 Z95 = 1.959963984540054
 
@@ -203,4 +218,279 @@ def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n
         for name, value, draws in zip(("total", "sampling", "decision"), point, boot):
             lo, hi = np.percentile(draws, [2.5, 97.5])
             rows.append(dict(cell=cell, part=name, value=float(value), lo=float(lo), hi=float(hi)))
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- does the decision verify?
+#
+# A decision that rejects wrong candidates more often than right ones may only predict difficulty.
+# Holding the question fixed separates the two: teacher-force the true product and the model's own
+# wrong samples for the same question and compare the decision at the decision position.
+
+@torch.no_grad()
+def decision_scores(model, tokens: Int[Tensor, "n pos"], batch_size: int = 4096
+                    ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """ACCEPT - REJECT logit and P(ACCEPT) at the position after each row's last token (a candidate
+    just written), teacher-forced."""
+    if len(tokens) == 0:
+        return torch.zeros(0), torch.zeros(0)
+    device = next(model.parameters()).device
+    gaps, p_acc = [], []
+    for start in range(0, len(tokens), batch_size):
+        logits = model(tokens[start : start + batch_size].to(device))[:, -1].float().cpu()
+        gaps.append(logits[:, ACCEPT] - logits[:, REJECT])
+        p_acc.append(logits.softmax(-1)[:, ACCEPT])
+    return torch.cat(gaps), torch.cat(p_acc)
+
+
+@dataclass
+class VerificationData:
+    """Per question: the true product's decision score and its own wrong samples' scores, by attempt.
+
+    ``attempts[k]`` holds, for the (k+1)-th decision, arrays over questions that have enough wrong
+    samples: ``q`` (question index), ``truth`` (score of the true product) and a list of wrong
+    samples' scores; earlier attempts are the question's first k wrong samples, each REJECTed.
+    ``p_acc_*`` are first-attempt P(ACCEPT) over every well-formed sample (for the gap split).
+    """
+
+    cells: np.ndarray                 # cell label per question
+    greedy_correct: np.ndarray        # per question
+    sample_correct: np.ndarray        # [question, sample], False where malformed
+    sample_wellformed: np.ndarray     # [question, sample]
+    slip: np.ndarray                  # [question, sample]: wrong sample, greedy answer right
+    attempts: list[dict]
+    p_acc_sample: np.ndarray          # [question, sample] P(ACCEPT | prompt + sample), nan if malformed
+    p_acc_truth: np.ndarray           # [question]
+
+
+def collect_verification(model, questions: Questions, samples: int = 8, temperature: float = 1.0,
+                         seed: int = 0, task: TaskConfig | None = None) -> VerificationData:
+    """The model's greedy answer and ``samples`` sampled first attempts per question, then
+    teacher-forced decisions for the truth and the wrong samples (:func:`score_candidates`)."""
+    task = task or config_of(model).task
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    greedy = rollout(model, questions, task=task, budget=1, temperature=0.0, seed=seed).values[:, 0]
+    sampled = rollout(model, questions.repeat_interleave(samples), task=task, budget=1,
+                      temperature=temperature, seed=seed + 1).values[:, 0].view(len(questions), samples)
+    return score_candidates(questions, greedy, sampled, task, lambda t: decision_scores(model, t))
+
+
+Scorer = Callable[[Int[Tensor, "n pos"]], tuple[Float[Tensor, " n"], Float[Tensor, " n"]]]
+
+
+def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: Int[Tensor, "n samples"],
+                     task: TaskConfig, scorer: Scorer) -> VerificationData:
+    """Teacher-forced decision scores (``scorer``: tokens -> ACCEPT-REJECT logit and P(ACCEPT) after
+    the last token) for the truth and the given candidates (-1 = malformed) of each question, at the
+    first attempt and at every later attempt index."""
+    n, samples = sampled.shape
+    truth = questions.a * questions.b
+    wellformed = sampled >= 0
+    correct = sampled == truth[:, None]
+    wrong = wellformed & ~correct
+    prompt = prompt_tokens(questions.a, questions.b, task)
+    answer = lambda v: answer_tokens(v.clamp(min=0), task)
+    flat = torch.cat([prompt.repeat_interleave(samples, 0), answer(sampled.flatten())], 1)
+    _, p_flat = scorer(flat)
+    p_acc_sample = torch.where(wellformed.flatten(), p_flat, torch.nan).view(n, samples).numpy()
+    truth_gap, p_truth = scorer(torch.cat([prompt, answer(truth)], 1))
+    wrong_lists = [sampled[i][wrong[i]] for i in range(n)]
+    attempts = [_attempt_scores(scorer, task, prompt, truth, wrong_lists, k, truth_gap)
+                for k in range(task.budget)]
+    cells = np.array([f"{x}x{y}" for x, y in questions.cells])
+    greedy_correct = (greedy == truth).numpy()
+    return VerificationData(cells=cells, greedy_correct=greedy_correct, sample_correct=correct.numpy(),
+                            sample_wellformed=wellformed.numpy(), slip=(wrong.numpy() & greedy_correct[:, None]),
+                            attempts=attempts, p_acc_sample=p_acc_sample, p_acc_truth=p_truth.numpy())
+
+
+def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists, k: int, truth_gap) -> dict:
+    """Decision scores at attempt ``k + 1``: the prefix holds the question's first ``k`` wrong
+    samples, each followed by REJECT; compared are the truth and the remaining wrong samples."""
+    qs = [i for i, w in enumerate(wrong_lists) if len(w) > k]
+    if not qs:
+        return {"q": np.zeros(0, int), "truth": np.zeros(0), "wrong": []}
+    reject = torch.full((1,), REJECT)
+    prefixes = [torch.cat([prompt[i], *[torch.cat([answer_tokens(w[None], task)[0], reject])
+                                        for w in wrong_lists[i][:k]]]) for i in qs]
+    prefixes = torch.stack(prefixes)
+    rest = [wrong_lists[i][k:] for i in qs]
+    counts = [len(r) for r in rest]
+    idx = torch.tensor(qs)
+    if k == 0:
+        t = truth_gap[idx]
+    else:
+        t, _ = scorer(torch.cat([prefixes, answer_tokens(truth[idx], task)], 1))
+    w_tokens = torch.cat([prefixes.repeat_interleave(torch.tensor(counts), 0),
+                          answer_tokens(torch.cat(rest), task)], 1)
+    w, _ = scorer(w_tokens)
+    return {"q": np.array(qs), "truth": t.numpy(), "wrong": np.split(w.numpy(), np.cumsum(counts)[:-1])}
+
+
+def _paired(truth: np.ndarray, wrong: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per question: paired AUC (share of own wrong samples scored below the truth, ties half) and
+    the mean logit gap truth - wrong."""
+    auc = np.array([np.mean((t > w) + 0.5 * (t == w)) for t, w in zip(truth, wrong)])
+    gap = np.array([t - w.mean() for t, w in zip(truth, wrong)])
+    return auc, gap
+
+
+def _between_auc(truth: np.ndarray, wrong: list[np.ndarray]) -> float:
+    """AUC of the truth of one question against the wrong samples of *other* questions."""
+    if len(truth) < 2:
+        return np.nan
+    t_sorted = np.sort(truth)
+    w_all = np.concatenate(wrong)
+    owner = np.repeat(np.arange(len(wrong)), [len(w) for w in wrong])
+    above = len(t_sorted) - np.searchsorted(t_sorted, w_all, side="right")
+    ties = np.searchsorted(t_sorted, w_all, side="right") - np.searchsorted(t_sorted, w_all, side="left")
+    own = (truth[owner] > w_all) + 0.5 * (truth[owner] == w_all)
+    total = (above + 0.5 * ties - own).sum()
+    return float(total / (len(w_all) * (len(truth) - 1)))
+
+
+def _boot_mean(x: np.ndarray, rng, n_boot: int) -> tuple[float, float, float]:
+    if len(x) == 0:
+        return np.nan, np.nan, np.nan
+    draws = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def _boot_ratio(num: np.ndarray, den: np.ndarray, rng, n_boot: int) -> tuple[float, float, float]:
+    """sum(num) / sum(den) over questions, bootstrap over questions."""
+    if den.sum() == 0:
+        return np.nan, np.nan, np.nan
+    idx = rng.integers(0, len(num), (n_boot, len(num)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        draws = num[idx].sum(1) / den[idx].sum(1)
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return float(num.sum() / den.sum()), float(lo), float(hi)
+
+
+def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
+    rows = []
+    add = lambda metric, stat, n: rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
+                                                   hi=stat[2], n=int(n)))
+    nq = int(sel.sum())
+    g = v.greedy_correct[sel].astype(float)
+    add("greedy_accuracy", (g.mean(), *wilson(g.sum(), nq)), nq)
+    wf = v.sample_wellformed[sel]
+    c = v.sample_correct[sel]
+    add("sample_accuracy", _boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot),
+        c.size)
+    wrong = wf & ~c
+    add("slip_share", _boot_ratio(v.slip[sel].sum(1).astype(float), wrong.sum(1).astype(float), rng, n_boot),
+        wrong.sum())
+    for k, att in enumerate(v.attempts, start=1):
+        keep = sel[att["q"]]
+        truth, wr = att["truth"][keep], [w for w, s in zip(att["wrong"], keep) if s]
+        auc, gap = _paired(truth, wr)
+        add(f"within_auc@{k}", _boot_mean(auc, rng, n_boot), len(auc))
+        add(f"logit_gap@{k}", _boot_mean(gap, rng, n_boot), len(gap))
+        if k == 1:
+            between = _between_auc(truth, wr)
+            qi = np.arange(len(truth))
+            draws = []
+            for _ in range(min(n_boot, 200)) if len(truth) > 1 else []:
+                b = rng.choice(qi, len(qi))
+                draws.append(_between_auc(truth[b], [wr[i] for i in b]))
+            lo, hi = np.nanpercentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
+            add("between_auc", (between, lo, hi), len(truth))
+    # Behavioural first-attempt accept gap over the model's own samples, split in two.
+    p = np.nan_to_num(v.p_acc_sample[sel])
+    p_truth = v.p_acc_truth[sel][:, None]
+    n_c, n_w = c.sum(1).astype(float), wrong.sum(1).astype(float)
+    acc_c, acc_w = (p * c).sum(1), (p * wrong).sum(1)
+    truth_w = (p_truth * wrong).sum(1)
+    idx = rng.integers(0, nq, (n_boot, nq)) if nq else np.zeros((n_boot, 0), int)
+
+    def split(ix):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mc = acc_c[ix].sum(-1) / n_c[ix].sum(-1)
+            mw = acc_w[ix].sum(-1) / n_w[ix].sum(-1)
+            mt = truth_w[ix].sum(-1) / n_w[ix].sum(-1)
+        return mc - mw, mc - mt, mt - mw
+
+    point = split(np.arange(nq))
+    draws = split(idx)
+    for name, value, d in zip(("accept_gap", "accept_gap_difficulty", "accept_gap_within"), point, draws):
+        lo, hi = np.nanpercentile(d, [2.5, 97.5]) if np.isfinite(d).any() else (np.nan, np.nan)
+        add(name, (float(value), float(lo), float(hi)), n_w.sum())
+    return rows
+
+
+def _attempt_rates(r: Rollouts, sel: np.ndarray, cell: str) -> list[dict]:
+    """p_{d|C} and p_{d|W} at each attempt index of full rollouts (Wilson intervals)."""
+    dec, corr = r.decisions.numpy()[sel], r.correct.numpy()[sel]
+    written = np.arange(dec.shape[1]) < r.n_attempts.numpy()[sel][:, None]
+    rows = []
+    for k in range(dec.shape[1]):
+        for metric, base, hit in (("p_d_given_c", written[:, k] & corr[:, k], dec[:, k] == ACCEPTED),
+                                  ("p_d_given_w", written[:, k] & ~corr[:, k], dec[:, k] == REJECTED)):
+            m, x = int(base.sum()), int((base & hit).sum())
+            lo, hi = wilson(x, m)
+            rows.append(dict(cell=cell, metric=f"{metric}@{k + 1}", value=x / m if m else np.nan,
+                             lo=float(lo), hi=float(hi), n=m))
+    return rows
+
+
+def hard_cells(task: TaskConfig) -> tuple[str, ...]:
+    """The in-distribution cells with the most digits in all (2x3 and 3x2 for the small task)."""
+    top = max(a + b for a, b in task.train_cells)
+    return tuple(f"{a}x{b}" for a, b in task.train_cells if a + b == top)
+
+
+def verification_metrics(model, n_questions: int = 2400, samples: int = 8, temperature: float = 1.0,
+                         seed: int = 0, n_boot: int = 1000, cells: tuple[str, ...] | None = None
+                         ) -> pd.DataFrame:
+    """Does the decision check the candidate? Tidy rows (cell, metric, value, lo, hi, n) per
+    difficulty cell, for the hard cells together (``hard``) and for all (``all``), 95% intervals
+    from a bootstrap over questions (Wilson for proportions of episodes):
+
+    - ``within_auc@k``: paired AUC between the true product and the model's own wrong samples of
+      the same question at the k-th decision (teacher-forced; 0.5 = the decision ignores the
+      candidate, 1 = a perfect verifier); ``logit_gap@k``: mean ACCEPT-REJECT logit gap, truth
+      minus wrong; ``between_auc``: truth of one question against wrong samples of others;
+    - ``accept_gap`` = P(ACCEPT | own right sample) - P(ACCEPT | own wrong sample) at the first
+      attempt, = ``accept_gap_difficulty`` (wrong samples given their question's P(ACCEPT | truth))
+      + ``accept_gap_within`` (the rest: what the decision sees in the candidate);
+    - ``p_d_given_c@k`` / ``p_d_given_w@k`` from full rollouts at ``temperature`` (pooled rates are
+      in :func:`ds_metrics`); ``greedy_accuracy``, ``sample_accuracy`` and ``slip_share`` (wrong
+      samples whose question the greedy answer gets right).
+
+    ``n_questions`` held-out questions spread over the task's in-distribution cells (or ``cells``),
+    ``samples`` sampled first attempts each.
+    """
+    task = config_of(model).task
+    if n_questions < 1:
+        raise ValueError(f"n_questions must be >= 1, got {n_questions}")
+    if cells is not None:
+        chosen = tuple(tuple(int(x) for x in c.split("x")) for c in cells)
+        unknown = [c for c, t in zip(cells, chosen) if t not in task.train_cells]
+        if unknown:
+            raise ValueError(f"cells {unknown} are not in-distribution cells of this task "
+                             f"({', '.join(f'{a}x{b}' for a, b in task.train_cells)})")
+    else:
+        chosen = None
+    q = sample_questions(task, "test", n_questions, seed=10_007 + seed, cells=chosen)
+    v = collect_verification(model, q, samples=samples, temperature=temperature, seed=seed)
+    r = rollout(model, q, task=task, temperature=temperature, seed=seed + 2)
+    return verification_table(v, hard_cells(task), r, n_boot, seed)
+
+
+def verification_table(v: VerificationData, hard: tuple[str, ...] = (), r: Rollouts | None = None,
+                       n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """The rows of :func:`verification_metrics` from collected scores (and, for the decision rates
+    by attempt, full rollouts of the same questions in the same order)."""
+    rng = np.random.default_rng(seed)
+    hard = np.isin(v.cells, hard)
+    groups = [(c, v.cells == c) for c in sorted(set(v.cells))]
+    groups += [("hard", hard)] if hard.any() else []
+    groups += [("all", np.ones(len(v.cells), bool))]
+    rows = []
+    for name, sel in groups:
+        rows += _verification_rows(v, sel, name, rng, n_boot)
+        rows += _attempt_rates(r, sel, name) if r is not None else []
     return pd.DataFrame(rows)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from tsds_interp.task import DECISION, SAMPLE
+from tsds_interp.task import DECISION, PROMPT, SAMPLE
 
 Weighting = Literal["token_sum", "token_mean", "sequence_mean", "role_balanced"]
 WEIGHTINGS = ("token_sum", "token_mean", "sequence_mean", "role_balanced")
@@ -59,11 +59,15 @@ def _local(x: Tensor) -> Tensor:
 
 
 def aggregation_weights(roles: Int[Tensor, "batch pos"], mode: Weighting, decision_share: float = 0.5,
-                        total: Callable[[Tensor], Tensor] = _local) -> Float[Tensor, "batch pos"]:
+                        total: Callable[[Tensor], Tensor] = _local, skip: Bool[Tensor, "batch pos"] | None = None
+                        ) -> Float[Tensor, "batch pos"]:
     """Per-token weights; ``total`` sums a count over every process holding part of the batch
-    (identity for one process), so each process's loss is its exact share of the global loss."""
+    (identity for one process), so each process's loss is its exact share of the global loss.
+    Tokens in ``skip`` get weight 0 and are not counted (as if their role were the prompt's)."""
     if mode not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {mode!r}; choose one of {', '.join(WEIGHTINGS)}")
+    if skip is not None:
+        roles = roles.masked_fill(skip, PROMPT)
     mask = counted(roles).float()
     n_seq = total(torch.tensor(float(roles.shape[0]), device=roles.device))
     if mode == "token_sum":
@@ -89,9 +93,12 @@ def token_logprobs(model, tokens: Int[Tensor, "batch pos"]) -> tuple[Tensor, Ten
 
 
 def sft_terms(logp: Float[Tensor, "batch pos"], roles, weighting: Weighting = "token_mean",
-              decision_share: float = 0.5, total: Callable[[Tensor], Tensor] = _local) -> Terms:
-    """Negative log-likelihood of the sample and decision tokens."""
-    return Terms(-logp * counted(roles), roles, aggregation_weights(roles, weighting, decision_share, total))
+              decision_share: float = 0.5, total: Callable[[Tensor], Tensor] = _local,
+              skip: Bool[Tensor, "batch pos"] | None = None) -> Terms:
+    """Negative log-likelihood of the sample and decision tokens, except those in ``skip`` (e.g.
+    :func:`tsds_interp.task.rejected_candidate_tokens`: train the REJECT, not the rejected answer)."""
+    kept = counted(roles) if skip is None else counted(roles) & ~skip
+    return Terms(-logp * kept, roles, aggregation_weights(roles, weighting, decision_share, total, skip))
 
 
 def advantages(reward: Float[Tensor, " batch"], group: int, mode: Literal["grpo", "reinforce"] = "grpo",

@@ -35,6 +35,7 @@ from tsds_interp.task import (
     REJECT,
     TaskConfig,
     answer_tokens,
+    corrupt_digit,
     num_digits,
     prompt_tokens,
     sample_questions,
@@ -113,25 +114,13 @@ def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, model_fractio
     rest = np.setdiff1d(np.arange(len(q)), take_model)
     take_corrupt = rng.permutation(rest)[: n - k_model]
     idx = torch.from_numpy(np.concatenate([take_model, take_corrupt]))
-    wrong = torch.cat([sampled[take_model], _corrupt_digit(truth[take_corrupt], task, rng)])
+    wrong = torch.cat([sampled[take_model], corrupt_digit(truth[take_corrupt], task, rng)])
     qq = q[idx]
     prompt = prompt_tokens(qq.a, qq.b, task)
     clean = torch.cat([prompt, answer_tokens(truth[idx], task)], 1)
     corrupted = torch.cat([prompt, answer_tokens(wrong, task)], 1)
     origin = ["model"] * k_model + ["corruption"] * (n - k_model)
     return Pairs("decision", clean, corrupted, answer_tokens(truth[idx], task), origin, task.prompt_len)
-
-
-def _corrupt_digit(values: Tensor, task: TaskConfig, rng) -> Tensor:
-    """Change one random digit among the value's significant ones (never a no-op)."""
-    out = values.clone()
-    for i, v in enumerate(values.tolist()):
-        digits = max(1, len(str(v)))
-        place = int(rng.integers(0, digits))
-        d = (v // 10**place) % 10
-        new = int(rng.choice([x for x in range(10) if x != d]))
-        out[i] = v + (new - d) * 10**place
-    return out
 
 
 def sampling_pairs(task: TaskConfig, n: int, seed: int = 0) -> Pairs:
@@ -141,10 +130,10 @@ def sampling_pairs(task: TaskConfig, n: int, seed: int = 0) -> Pairs:
         raise ValueError(f"asked for {n} pairs; ask for at least 1")
     rng = np.random.default_rng(seed)
     q = sample_questions(task, "test", n, seed=seed + 2)
-    a2 = _corrupt_digit(q.a, task, rng)
+    a2 = corrupt_digit(q.a, task, rng)
     bad = num_digits(a2) != num_digits(q.a)  # keep the difficulty cell: redo leading-digit zeros
     while bad.any():
-        a2[bad] = _corrupt_digit(q.a[bad], task, rng)
+        a2[bad] = corrupt_digit(q.a[bad], task, rng)
         bad = num_digits(a2) != num_digits(q.a)
     ans = answer_tokens(q.a * q.b, task)
     clean = torch.cat([prompt_tokens(q.a, q.b, task), ans], 1)

@@ -61,3 +61,42 @@ def head_share_heatmap(shares: pd.DataFrame, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the decision verify?") -> Path:
+    """Three panels from :func:`tsds_interp.metrics.verification_metrics`: within- vs between-question
+    AUC per cell (with 95% intervals), the accept gap split into difficulty and within-question
+    parts, and p_{d|C} / p_{d|W} by attempt on the hard cells."""
+    cells = [c for c in df.cell.unique() if c not in ("hard", "all")] + [c for c in ("hard", "all")
+                                                                        if c in set(df.cell)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metrics, ylabel in ((axes[0], ("within_auc@1", "between_auc"), "AUC (0.5 = ignores candidate)"),
+                                (axes[1], ("accept_gap_difficulty", "accept_gap_within"), "P(ACCEPT) gap")):
+        part = df[df.metric.isin(metrics)]
+        for i, metric in enumerate(metrics):
+            rows = part[part.metric == metric].set_index("cell").reindex(cells)
+            x = [j + (i - 0.5) * 0.38 for j in range(len(cells))]
+            err = [(rows.value - rows.lo).clip(lower=0).fillna(0), (rows.hi - rows.value).clip(lower=0).fillna(0)]
+            ax.bar(x, rows.value, width=0.38, yerr=err, capsize=2, label=metric)
+        ax.set_xticks(range(len(cells)), cells, rotation=45)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    group = "hard" if "hard" in set(df.cell) else "all"
+    att = df[(df.cell == group) & df.metric.str.match(r"p_d_given_[cw]@")].copy()
+    att["attempt"] = att.metric.str.split("@").str[1]
+    att["rate"] = att.metric.str.split("@").str[0]
+    for i, (rate, part) in enumerate(att.groupby("rate")):
+        x = part.attempt.astype(int) + (i - 0.5) * 0.15
+        err = [(part.value - part.lo).clip(lower=0).fillna(0), (part.hi - part.value).clip(lower=0).fillna(0)]
+        axes[2].errorbar(x, part.value, yerr=err, fmt="o", capsize=3, label=rate)
+    axes[2].set_xlabel("attempt")
+    axes[2].set_xticks(sorted(att.attempt.astype(int).unique()))
+    axes[2].legend(fontsize=8)
+    axes[2].set_ylim(-0.02, 1.02)
+    axes[2].set_title(f"decision rates by attempt ({group} cells)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -153,6 +153,18 @@ def check(a: Int[Tensor, " n"], b: Int[Tensor, " n"], cand: Int[Tensor, "n answe
     return parse_candidate(cand, task) == a * b
 
 
+def corrupt_digit(values: Int[Tensor, " n"], task: TaskConfig, rng: np.random.Generator) -> Int[Tensor, " n"]:
+    """Change one random digit among the value's significant ones (never a no-op)."""
+    out = values.clone()
+    for i, v in enumerate(values.tolist()):
+        digits = max(1, len(str(v)))
+        place = int(rng.integers(0, digits))
+        d = (v // 10**place) % 10
+        new = int(rng.choice([x for x in range(10) if x != d]))
+        out[i] = v + (new - d) * 10**place
+    return out
+
+
 def _in_test_split(a: np.ndarray, b: np.ndarray, fraction: float) -> np.ndarray:
     keys = [hashlib.blake2b(f"{x}*{y}".encode(), digest_size=4).digest() for x, y in zip(a, b)]
     u = np.array([int.from_bytes(k, "little") for k in keys]) / 2**32
@@ -266,4 +278,16 @@ def build_trajectories(a: Int[Tensor, " n"], b: Int[Tensor, " n"],
         alive = alive & (dec == REJECT)
     end = (out != PAD).sum(1)
     out[torch.arange(n), end.clamp(max=task.max_len - 1)] = EOS
+    return out
+
+
+def rejected_candidate_tokens(tokens: Int[Tensor, "batch pos"], task: TaskConfig) -> Bool[Tensor, "batch pos"]:
+    """Sample tokens of candidates that are followed by a REJECT decision (what an SFT recipe that
+    trains the decision but not the rejected answer leaves out of the loss)."""
+    roles = token_roles(tokens, task)
+    out = torch.zeros_like(tokens, dtype=torch.bool)
+    for start in range(task.prompt_len, tokens.shape[1] - task.answer_len, task.attempt_len):
+        cand, dec = slice(start, start + task.answer_len), start + task.answer_len
+        rejected = (tokens[:, dec] == REJECT) & (roles[:, dec] == DECISION)
+        out[:, cand] = rejected[:, None] & (roles[:, cand] == SAMPLE)
     return out

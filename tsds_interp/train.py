@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from tsds_interp.data import reflective_sft_data, solution_batch
+from tsds_interp.data import reflective_sft_data, solution_batch, verification_data
 from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import (
     CheckpointError,
@@ -53,7 +53,15 @@ from tsds_interp.objectives import (
     token_logprobs,
 )
 from tsds_interp.rollout import rollout
-from tsds_interp.task import DECISION, PAD, SAMPLE, TaskConfig, sample_questions, token_roles
+from tsds_interp.task import (
+    DECISION,
+    PAD,
+    SAMPLE,
+    TaskConfig,
+    rejected_candidate_tokens,
+    sample_questions,
+    token_roles,
+)
 
 STAGES = ("pretrain", "sft", "rl")
 
@@ -87,6 +95,10 @@ class TrainConfig:
     # reflective SFT
     sft_questions: int = 8192
     first_right_fraction: float = 0.5
+    sft_mix: str = "fixed"  # "natural": keep the model's own first-attempt accuracy per cell
+    sft_temperature: float = 1.0  # temperature of the model's own candidates in the SFT data
+    rejected_samples: str = "train"  # "skip": train the REJECT after a wrong candidate, not the candidate
+    verify_questions: int = 0  # questions that add paired verification rows (right + own wrong)
     weighting: str = "token_mean"
     decision_share: float = 0.5
     # RL
@@ -117,6 +129,14 @@ class TrainConfig:
             raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be none or bf16, got {self.autocast!r}")
+        if self.sft_mix not in ("fixed", "natural"):
+            raise ValueError(f"sft_mix must be fixed or natural, got {self.sft_mix!r}")
+        if self.rejected_samples not in ("train", "skip"):
+            raise ValueError(f"rejected_samples must be train or skip, got {self.rejected_samples!r}")
+        if self.verify_questions < 0:
+            raise ValueError(f"verify_questions must be >= 0, got {self.verify_questions}")
+        if not self.sft_temperature > 0:
+            raise ValueError(f"sft_temperature must be > 0, got {self.sft_temperature}")
         if self.advantage not in ("grpo", "reinforce"):
             raise ValueError(f"advantage must be grpo or reinforce, got {self.advantage!r}")
         self.task()  # validates cells
@@ -361,7 +381,10 @@ class Trainer:
         logp, ent = token_logprobs(self.net, tokens.to(self.cfg.device))
         roles = token_roles(tokens, self.task).to(self.cfg.device)
         weighting = "token_mean" if self.cfg.stage == "pretrain" else self.cfg.weighting
-        terms = sft_terms(logp, roles, weighting, self.cfg.decision_share, total=self.dist.sum)
+        skip = None
+        if self.cfg.stage == "sft" and self.cfg.rejected_samples == "skip":
+            skip = rejected_candidate_tokens(tokens, self.task).to(self.cfg.device)
+        terms = sft_terms(logp, roles, weighting, self.cfg.decision_share, total=self.dist.sum, skip=skip)
         return terms, {"entropy": _mean_counted(ent, roles, self.dist.sum)}
 
     def _rl_batch(self):
@@ -497,8 +520,15 @@ class Trainer:
         path = self.out / "sft_data.safetensors"
         if path.is_file():
             return load_file(str(path))["tokens"]
-        data = reflective_sft_data(self.model, self.task, self.cfg.sft_questions, seed=self.cfg.seed,
-                                   first_right_fraction=self.cfg.first_right_fraction)
+        cfg = self.cfg
+        data = reflective_sft_data(self.model, self.task, cfg.sft_questions, seed=cfg.seed,
+                                   first_right_fraction=cfg.first_right_fraction, mix=cfg.sft_mix,
+                                   temperature=cfg.sft_temperature)
+        if cfg.verify_questions:
+            pairs = verification_data(self.model, self.task, cfg.verify_questions, seed=cfg.seed,
+                                      temperature=cfg.sft_temperature)
+            data = torch.cat([data, pairs])[torch.randperm(len(data) + len(pairs),
+                                                           generator=torch.Generator().manual_seed(cfg.seed))]
         if not self.dist.main:  # every rank builds the same data; one writes it
             return data
         tmp = path.with_suffix(".tmp")

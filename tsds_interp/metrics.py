@@ -170,16 +170,19 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def heldout_metrics(model, n_questions: int = 2048, n_ood: int = 256, seed: int = 99,
-                    temperature: float = 1.0) -> pd.DataFrame:
+                    temperature: float = 1.0, verify_questions: int = 1200) -> pd.DataFrame:
     """The standard held-out evaluation: ``n_questions`` test-split questions (the set training
     evaluates on; cell ``all`` is theirs) plus ``n_ood`` out-of-distribution ones (their own
-    cells), rolled out at ``temperature``."""
+    cells), rolled out at ``temperature``; then, unless ``verify_questions`` is 0, the rows of
+    :func:`verification_metrics` on that many test questions (8 samples each; adds cell ``hard``)."""
     task = config_of(model).task
     kw = dict(task=task, temperature=temperature, seed=seed)
     frames = [ds_metrics(rollout(model, sample_questions(task, "test", n_questions, seed=10_007), **kw))]
     if n_ood and task.ood_cells:
         ood = ds_metrics(rollout(model, sample_questions(task, "ood", n_ood, seed=10_009), **kw))
         frames.append(ood[ood.cell != "all"])
+    if verify_questions:
+        frames.append(verification_metrics(model, verify_questions, temperature=temperature, seed=seed))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -205,7 +208,8 @@ def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n
     rng = np.random.default_rng(seed)
     keys = ("p_s", "p_d_given_c", "p_d_given_w")
     rows = []
-    for cell in [c for c in after.cell.unique() if c in set(before.cell)]:
+    has_all = lambda f: {c for c, part in f.groupby("cell") if set(keys) <= set(part.metric)}
+    for cell in [c for c in after.cell.unique() if c in has_all(before) & has_all(after)]:
         vals = []
         for frame in (before, after):
             m = frame[frame.cell == cell].set_index("metric")

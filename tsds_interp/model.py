@@ -83,6 +83,25 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> Transfo
     return model
 
 
+def grow(model, add_layers: int, seed: int = 0) -> TransformerBridge:
+    """A deeper copy of ``model`` that computes exactly the same function: ``add_layers`` new blocks
+    on top, freshly initialised except their output projections (attention ``o`` and MLP ``out``),
+    which are zero, so each new block adds nothing to the residual stream until training moves them."""
+    if add_layers < 0:
+        raise ValueError(f"add_layers must be >= 0, got {add_layers}")
+    cfg = config_of(model)
+    bigger = build_model(ModelConfig(**{**cfg.to_dict(), "n_layers": cfg.n_layers + add_layers, "seed": seed}),
+                         device=next(model.parameters()).device)
+    state = bigger.state_dict()
+    for k, v in model.state_dict().items():
+        state[k] = v.clone()
+    for layer in range(cfg.n_layers, cfg.n_layers + add_layers):
+        for name in ("attn.o.weight", "attn.o.bias", "mlp.out.weight", "mlp.out.bias"):
+            state[f"blocks.{layer}.{name}"] = torch.zeros_like(state[f"blocks.{layer}.{name}"])
+    bigger.load_state_dict(state)
+    return bigger
+
+
 def config_of(model) -> ModelConfig:
     """The :class:`ModelConfig` a model was built from."""
     cfg = getattr(model, "tsds_config", None)

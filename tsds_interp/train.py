@@ -38,6 +38,7 @@ from tsds_interp.model import (
     autocast,
     build_model,
     config_of,
+    grow,
     load,
     replace_dir,
     run_versions,
@@ -99,6 +100,7 @@ class TrainConfig:
     sft_temperature: float = 1.0  # temperature of the model's own candidates in the SFT data
     rejected_samples: str = "train"  # "skip": train the REJECT after a wrong candidate, not the candidate
     verify_questions: int = 0  # questions that add paired verification rows (right + own wrong)
+    add_layers: int = 0  # sft: grow the --init model by this many function-preserving blocks on top
     weighting: str = "token_mean"
     decision_share: float = 0.5
     # RL
@@ -133,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"sft_mix must be fixed or natural, got {self.sft_mix!r}")
         if self.rejected_samples not in ("train", "skip"):
             raise ValueError(f"rejected_samples must be train or skip, got {self.rejected_samples!r}")
+        if self.add_layers < 0:
+            raise ValueError(f"add_layers must be >= 0, got {self.add_layers}")
         if self.verify_questions < 0:
             raise ValueError(f"verify_questions must be >= 0, got {self.verify_questions}")
         if not self.sft_temperature > 0:
@@ -300,6 +304,8 @@ class Trainer:
             if init is None:
                 raise ValueError(f"the {cfg.stage} stage starts from a model: pass --init CHECKPOINT")
             self.model = load(init, device=cfg.device)
+            if cfg.stage == "sft" and cfg.add_layers:
+                self.model = grow(self.model, cfg.add_layers, seed=cfg.seed)
         self.task = config_of(self.model).task
         self.ref = load(ref or init, device=cfg.device) if cfg.stage == "rl" else None
         if self.ref is not None:

@@ -65,3 +65,23 @@ def test_save_replaces_atomically(random_model, tmp_path):
     save(random_model, tmp_path / "ck")
     save(random_model, tmp_path / "ck")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_grow_adds_blocks_without_changing_the_function(tiny_cfg):
+    from tsds_interp.model import grow
+    from tsds_interp.rollout import rollout
+    from tsds_interp.task import sample_questions
+
+    random_model = build_model(tiny_cfg)
+    with torch.no_grad():
+        for p in random_model.parameters():  # nonzero everywhere, so a leak through any new block shows
+            p.add_(0.01)
+    bigger = grow(random_model, 2, seed=3)
+    assert bigger.cfg.n_layers == random_model.cfg.n_layers + 2
+    task = random_model.tsds_config.task
+    q = sample_questions(task, "test", 16, seed=0)
+    tokens = rollout(random_model, q, seed=1).tokens
+    assert torch.equal(random_model(tokens), bigger(tokens))
+    assert torch.equal(rollout(bigger, q, seed=1).tokens, tokens)
+    new = [k for k in bigger.state_dict() if k.startswith(f"blocks.{random_model.cfg.n_layers}.")]
+    assert any(bigger.state_dict()[k].abs().sum() > 0 for k in new)  # the new blocks are not all zero

@@ -1,0 +1,96 @@
+"""Which training recipe gives a decision that checks the candidate? One row per trained stage.
+
+    python analyses/recipe_study.py LABEL=STAGE_DIR_OR_SHIPPED_NAME ... [--questions 1200]
+                                    [--out runs/analyses/recipe_study]
+
+For each model, on held-out questions of the hard cells (:func:`tsds_interp.metrics.hard_cells`):
+within-question paired AUC at the first and second decision, the share of the behavioural accept
+gap that is within-question, greedy accuracy, and first-attempt vs realized accuracy of full
+reflective rollouts (temperature 1, the task's budget), all with 95% intervals; plus steps and wall
+time read from the stage's ``log.jsonl``. Writes ``recipes.csv`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import fmt  # noqa: E402
+
+from tsds_interp.metrics import ds_metrics, hard_cells, verification_metrics  # noqa: E402
+from tsds_interp.model import config_of, load, resolve_checkpoint  # noqa: E402
+from tsds_interp.rollout import rollout  # noqa: E402
+from tsds_interp.task import sample_questions  # noqa: E402
+
+SHOWN = ("within_auc@1", "within_auc@2", "within_share", "greedy_accuracy", "p_s_first", "realized_accuracy",
+         "reflection_gain")
+
+
+def training_record(path: Path) -> dict:
+    """Steps and wall time of a stage folder (empty for a shipped checkpoint)."""
+    stage = path.parent if path.name == "checkpoint" else path
+    log = stage / "log.jsonl"
+    if not log.is_file():
+        return {"steps": "—", "wall_s": "—"}
+    rows = [json.loads(r) for r in log.read_text().splitlines() if r.strip()]
+    return {"steps": rows[-1]["step"], "wall_s": round(rows[-1].get("elapsed_s", np.nan))}
+
+
+def evaluate(label: str, where: str, n_questions: int, seed: int = 0) -> list[dict]:
+    path = resolve_checkpoint(where)
+    model = load(path)
+    task = config_of(model).task
+    cells = hard_cells(task)
+    v = verification_metrics(model, n_questions, cells=cells, seed=seed)
+    v = v[v.cell == "hard"].set_index("metric")
+    parsed = tuple(tuple(int(x) for x in c.split("x")) for c in cells)
+    q = sample_questions(task, "test", n_questions, seed=10_007 + seed, cells=parsed)
+    r = rollout(model, q, task=task, temperature=1.0, seed=seed + 3)
+    ds = ds_metrics(r).query("cell == 'all'").set_index("metric")
+    gain = (r.final_correct.float() - r.correct[:, 0].float()).numpy()
+    half = 1.96 * gain.std(ddof=1) / np.sqrt(len(gain))
+    record = {"recipe": label, "checkpoint": str(where), **training_record(path)}
+    rows = []
+    for metric in ("within_auc@1", "within_auc@2", "greedy_accuracy", "accept_gap", "accept_gap_within"):
+        rows.append({**record, "metric": metric, **v.loc[metric, ["value", "lo", "hi"]].to_dict()})
+    for metric in ("p_s_first", "realized_accuracy"):
+        rows.append({**record, "metric": metric, **ds.loc[metric, ["value", "lo", "hi"]].to_dict()})
+    rows.append({**record, "metric": "reflection_gain", "value": gain.mean(), "lo": gain.mean() - half,
+                 "hi": gain.mean() + half})
+    share = v.loc["accept_gap_within", "value"] / v.loc["accept_gap", "value"]
+    rows.append({**record, "metric": "within_share", "value": share, "lo": np.nan, "hi": np.nan})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="LABEL=stage folder, checkpoint folder or shipped name")
+    p.add_argument("--questions", type=int, default=1200, help="held-out hard-cell questions per model")
+    p.add_argument("--out", default="runs/analyses/recipe_study")
+    args = p.parse_args(argv)
+    pairs = [m.split("=", 1) if "=" in m else (m, m) for m in args.models]
+    df = pd.DataFrame([row for label, where in pairs for row in evaluate(label, where, args.questions)])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "recipes.csv", index=False)
+    cell = lambda r: f"{r.value:.3f}" if np.isnan(r.lo) else fmt(r.value, r.lo, r.hi)
+    table = (df.assign(v=[cell(r) for r in df.itertuples()])
+             .pivot_table(index=["recipe", "steps", "wall_s"], columns="metric", values="v", aggfunc="first",
+                          sort=False, dropna=False)[list(SHOWN)])
+    text = "\n".join(["# Recipe study (hard cells, held-out questions)", "",
+                      f"Command: `python analyses/recipe_study.py {' '.join(argv or sys.argv[1:])}`", "",
+                      "within_share = within-question part / behavioural accept gap; reflection_gain = "
+                      "realized - first-attempt accuracy.", "", table.to_markdown(), ""])
+    (out / "summary.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
 
 LABELS = ("sft", "sft_balanced", "rl")
-SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy")
+SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy", "within_auc@1")
 
 
 def gap_closed(agg: pd.DataFrame) -> pd.DataFrame:

@@ -28,7 +28,7 @@ from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups
 
 from tsds_interp.metrics import gain_decomposition  # noqa: E402
 
-SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy")
+SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy", "within_auc@1")
 
 
 def decomposition(metrics: pd.DataFrame, budget: int = 3) -> pd.DataFrame:

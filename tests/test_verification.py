@@ -168,3 +168,19 @@ def test_verification_metrics_on_a_model_and_cli(trained_tiny, tmp_path, capsys)
         err = capsys.readouterr().err
         assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_sft_with_verification_options_trains_and_resumes_a_grown_model(trained_tiny, tmp_path):
+    from tsds_interp.train import Interrupted, preset_config, train_stage
+
+    paths, _ = trained_tiny
+    cfg = preset_config("tiny", "sft", steps=4, sft_questions=64, verify_questions=32, sft_mix="natural",
+                        rejected_samples="skip", add_layers=1, log_every=2, eval_every=100, ckpt_every=100)
+    straight = load(train_stage(cfg, tmp_path / "a", init=paths["base"], quiet=True))
+    assert straight.cfg.n_layers == load(paths["base"]).cfg.n_layers + 1
+    with pytest.raises(Interrupted):
+        train_stage(cfg, tmp_path / "b", init=paths["base"], quiet=True, stop_after=2)
+    resumed = load(train_stage(cfg, tmp_path / "b", init=paths["base"], quiet=True, resume=True))
+    assert all(torch.equal(v, w) for v, w in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(ValueError, match="rejected_samples"):
+        preset_config("tiny", "sft", rejected_samples="drop")

@@ -68,6 +68,16 @@ def evaluate(label: str, where: str, n_questions: int, seed: int = 0) -> list[di
     return rows
 
 
+def summary(df: pd.DataFrame, command: str) -> str:
+    cell = lambda r: f"{r.value:.3f}" if np.isnan(r.lo) else fmt(r.value, r.lo, r.hi)
+    values = df.assign(v=[cell(r) for r in df.itertuples()]).pivot(index="recipe", columns="metric", values="v")
+    info = df.groupby("recipe", sort=False)[["steps", "wall_s"]].first()
+    table = info.join(values[list(SHOWN)]).reset_index()
+    return "\n".join(["# Recipe study (hard cells, held-out questions)", "", f"Command: `{command}`", "",
+                      "within_share = within-question part / behavioural accept gap; reflection_gain = "
+                      "realized - first-attempt accuracy.", "", table.to_markdown(index=False), ""])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="LABEL=stage folder, checkpoint folder or shipped name")
@@ -79,14 +89,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "recipes.csv", index=False)
-    cell = lambda r: f"{r.value:.3f}" if np.isnan(r.lo) else fmt(r.value, r.lo, r.hi)
-    table = (df.assign(v=[cell(r) for r in df.itertuples()])
-             .pivot_table(index=["recipe", "steps", "wall_s"], columns="metric", values="v", aggfunc="first",
-                          sort=False, dropna=False)[list(SHOWN)])
-    text = "\n".join(["# Recipe study (hard cells, held-out questions)", "",
-                      f"Command: `python analyses/recipe_study.py {' '.join(argv or sys.argv[1:])}`", "",
-                      "within_share = within-question part / behavioural accept gap; reflection_gain = "
-                      "realized - first-attempt accuracy.", "", table.to_markdown(), ""])
+    text = summary(df, "python analyses/recipe_study.py " + " ".join(argv or sys.argv[1:]))
     (out / "summary.md").write_text(text)
     print(text)
     return 0

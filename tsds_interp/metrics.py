@@ -265,6 +265,7 @@ class VerificationData:
     attempts: list[dict]
     p_acc_sample: np.ndarray          # [question, sample] P(ACCEPT | prompt + sample), nan if malformed
     p_acc_truth: np.ndarray           # [question]
+    logprob_auc: np.ndarray | None = None  # per attempts[0] question: the same AUC from log pi(candidate)
 
 
 def collect_verification(model, questions: Questions, samples: int = 8, temperature: float = 1.0,
@@ -277,7 +278,40 @@ def collect_verification(model, questions: Questions, samples: int = 8, temperat
     greedy = rollout(model, questions, task=task, budget=1, temperature=0.0, seed=seed).values[:, 0]
     sampled = rollout(model, questions.repeat_interleave(samples), task=task, budget=1,
                       temperature=temperature, seed=seed + 1).values[:, 0].view(len(questions), samples)
-    return score_candidates(questions, greedy, sampled, task, lambda t: decision_scores(model, t))
+    v = score_candidates(questions, greedy, sampled, task, lambda t: decision_scores(model, t))
+    v.logprob_auc = _logprob_auc(model, questions, sampled, v.attempts[0]["q"], task)
+    return v
+
+
+@torch.no_grad()
+def candidate_logprob(model, tokens: Int[Tensor, "n pos"], length: int, batch_size: int = 4096
+                      ) -> Float[Tensor, " n"]:
+    """log pi of the last ``length`` tokens of each row given what precedes them."""
+    out = []
+    device = next(model.parameters()).device
+    for start in range(0, len(tokens), batch_size):
+        t = tokens[start : start + batch_size].to(device)
+        logp = model(t)[:, -length - 1 : -1].float().log_softmax(-1)
+        out.append(logp.gather(-1, t[:, -length:, None]).squeeze(-1).sum(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _logprob_auc(model, questions: Questions, sampled, qs: np.ndarray, task: TaskConfig) -> np.ndarray:
+    """Within-question AUC of a verifier that reads the model's own log-probability of the candidate
+    (how much of the slip signal the sampling function already holds)."""
+    if len(qs) == 0:
+        return np.zeros(0)
+    idx = torch.as_tensor(qs)
+    q = questions[idx]
+    truth = q.a * q.b
+    wrong = [s[(s >= 0) & (s != t)] for s, t in zip(sampled[idx], truth)]
+    counts = torch.tensor([len(w) for w in wrong])
+    prompt = prompt_tokens(q.a, q.b, task)
+    L = task.answer_len
+    lp_truth = candidate_logprob(model, torch.cat([prompt, answer_tokens(truth, task)], 1), L).numpy()
+    lp_wrong = candidate_logprob(model, torch.cat([prompt.repeat_interleave(counts, 0),
+                                                   answer_tokens(torch.cat(wrong), task)], 1), L).numpy()
+    return _paired(lp_truth, np.split(lp_wrong, np.cumsum(counts.numpy())[:-1]))[0]
 
 
 Scorer = Callable[[Int[Tensor, "n pos"]], tuple[Float[Tensor, " n"], Float[Tensor, " n"]]]
@@ -393,6 +427,9 @@ def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_b
         auc, gap = _paired(truth, wr)
         add(f"within_auc@{k}", _boot_mean(auc, rng, n_boot), len(auc))
         add(f"logit_gap@{k}", _boot_mean(gap, rng, n_boot), len(gap))
+        if k == 1 and v.logprob_auc is not None:
+            lp = v.logprob_auc[keep]
+            add("own_logprob_auc", _boot_mean(lp, rng, n_boot), len(lp))
         if k == 1:
             between = _between_auc(truth, wr)
             qi = np.arange(len(truth))
@@ -457,6 +494,8 @@ def verification_metrics(model, n_questions: int = 2400, samples: int = 8, tempe
       the same question at the k-th decision (teacher-forced; 0.5 = the decision ignores the
       candidate, 1 = a perfect verifier); ``logit_gap@k``: mean ACCEPT-REJECT logit gap, truth
       minus wrong; ``between_auc``: truth of one question against wrong samples of others;
+      ``own_logprob_auc``: the within-question AUC of the model's own log-probability of the
+      candidate (what a verifier reading the sampling function's confidence would reach);
     - ``accept_gap`` = P(ACCEPT | own right sample) - P(ACCEPT | own wrong sample) at the first
       attempt, = ``accept_gap_difficulty`` (wrong samples given their question's P(ACCEPT | truth))
       + ``accept_gap_within`` (the rest: what the decision sees in the candidate);

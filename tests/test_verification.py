@@ -151,7 +151,8 @@ def test_natural_mix_keeps_every_usable_trajectory(trained_tiny):
 def test_verification_metrics_on_a_model_and_cli(trained_tiny, tmp_path, capsys):
     paths, _ = trained_tiny
     df = verification_metrics(load(paths["sft"]), n_questions=48, samples=4, n_boot=50)
-    assert {"within_auc@1", "between_auc", "accept_gap_within", "p_d_given_w@2", "slip_share"} <= set(df.metric)
+    assert {"within_auc@1", "between_auc", "accept_gap_within", "p_d_given_w@2", "slip_share", "corruption_auc",
+            "own_logprob_auc"} <= set(df.metric)
     auc = df[df.metric.str.startswith("within_auc")].value.dropna()
     assert ((auc >= 0) & (auc <= 1)).all()
     parts = df.set_index(["cell", "metric"]).value["all"]

@@ -35,6 +35,7 @@ from tsds_interp.task import (
     Questions,
     TaskConfig,
     answer_tokens,
+    corrupt_digit,
     num_digits,
     prompt_tokens,
     sample_questions,
@@ -265,7 +266,9 @@ class VerificationData:
     attempts: list[dict]
     p_acc_sample: np.ndarray          # [question, sample] P(ACCEPT | prompt + sample), nan if malformed
     p_acc_truth: np.ndarray           # [question]
+    gap_truth: np.ndarray             # [question] ACCEPT-REJECT logit after the true product
     logprob_auc: np.ndarray | None = None  # per attempts[0] question: the same AUC from log pi(candidate)
+    corruption_gap: np.ndarray | None = None  # [question]: logit gap, truth minus a one-digit corruption
 
 
 def collect_verification(model, questions: Questions, samples: int = 8, temperature: float = 1.0,
@@ -280,6 +283,11 @@ def collect_verification(model, questions: Questions, samples: int = 8, temperat
                       temperature=temperature, seed=seed + 1).values[:, 0].view(len(questions), samples)
     v = score_candidates(questions, greedy, sampled, task, lambda t: decision_scores(model, t))
     v.logprob_auc = _logprob_auc(model, questions, sampled, v.attempts[0]["q"], task)
+    truth = questions.a * questions.b
+    corrupted = corrupt_digit(truth, task, np.random.default_rng(seed))
+    gap, _ = decision_scores(model, torch.cat([prompt_tokens(questions.a, questions.b, task),
+                                               answer_tokens(corrupted, task)], 1))
+    v.corruption_gap = v.gap_truth - gap.numpy()
     return v
 
 
@@ -340,7 +348,8 @@ def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: I
     greedy_correct = (greedy == truth).numpy()
     return VerificationData(cells=cells, greedy_correct=greedy_correct, sample_correct=correct.numpy(),
                             sample_wellformed=wellformed.numpy(), slip=(wrong.numpy() & greedy_correct[:, None]),
-                            attempts=attempts, p_acc_sample=p_acc_sample, p_acc_truth=p_truth.numpy())
+                            attempts=attempts, p_acc_sample=p_acc_sample, p_acc_truth=p_truth.numpy(),
+                            gap_truth=truth_gap.numpy())
 
 
 def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists, k: int, truth_gap) -> dict:
@@ -427,9 +436,6 @@ def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_b
         auc, gap = _paired(truth, wr)
         add(f"within_auc@{k}", _boot_mean(auc, rng, n_boot), len(auc))
         add(f"logit_gap@{k}", _boot_mean(gap, rng, n_boot), len(gap))
-        if k == 1 and v.logprob_auc is not None:
-            lp = v.logprob_auc[keep]
-            add("own_logprob_auc", _boot_mean(lp, rng, n_boot), len(lp))
         if k == 1:
             between = _between_auc(truth, wr)
             qi = np.arange(len(truth))
@@ -439,6 +445,13 @@ def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_b
                 draws.append(_between_auc(truth[b], [wr[i] for i in b]))
             lo, hi = np.nanpercentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
             add("between_auc", (between, lo, hi), len(truth))
+        if k == 1 and v.logprob_auc is not None:
+            lp = v.logprob_auc[keep]
+            add("own_logprob_auc", _boot_mean(lp, rng, n_boot), len(lp))
+    if v.corruption_gap is not None:
+        cg = v.corruption_gap[sel]
+        add("corruption_auc", _boot_mean((cg > 0) + 0.5 * (cg == 0), rng, n_boot), len(cg))
+        add("corruption_gap", _boot_mean(cg, rng, n_boot), len(cg))
     # Behavioural first-attempt accept gap over the model's own samples, split in two.
     p = np.nan_to_num(v.p_acc_sample[sel])
     p_truth = v.p_acc_truth[sel][:, None]
@@ -496,6 +509,7 @@ def verification_metrics(model, n_questions: int = 2400, samples: int = 8, tempe
       minus wrong; ``between_auc``: truth of one question against wrong samples of others;
       ``own_logprob_auc``: the within-question AUC of the model's own log-probability of the
       candidate (what a verifier reading the sampling function's confidence would reach);
+      ``corruption_auc`` / ``corruption_gap``: the truth against the truth with one digit changed;
     - ``accept_gap`` = P(ACCEPT | own right sample) - P(ACCEPT | own wrong sample) at the first
       attempt, = ``accept_gap_difficulty`` (wrong samples given their question's P(ACCEPT | truth))
       + ``accept_gap_within`` (the rest: what the decision sees in the candidate);

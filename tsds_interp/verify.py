@@ -22,7 +22,8 @@ from tsds_interp.model import CheckpointError, load, resolve_checkpoint, run_ver
 from tsds_interp.plotting import verification_plot
 
 SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "within_auc@2",
-           "between_auc", "own_logprob_auc", "logit_gap@1", "accept_gap", "accept_gap_difficulty", "accept_gap_within",
+           "between_auc", "own_logprob_auc",
+           "corruption_auc", "logit_gap@1", "accept_gap", "accept_gap_difficulty", "accept_gap_within",
            "p_d_given_c@1", "p_d_given_w@1")
 
 

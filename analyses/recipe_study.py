@@ -28,8 +28,8 @@ from tsds_interp.model import config_of, load, resolve_checkpoint  # noqa: E402
 from tsds_interp.rollout import rollout  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
 
-SHOWN = ("within_auc@1", "within_auc@2", "within_share", "greedy_accuracy", "p_s_first", "realized_accuracy",
-         "reflection_gain")
+SHOWN = ("within_auc@1", "within_auc@2", "within_share", "corruption_auc", "own_logprob_auc", "greedy_accuracy",
+         "p_s_first", "realized_accuracy", "reflection_gain")
 
 
 def training_record(path: Path) -> dict:
@@ -57,7 +57,8 @@ def evaluate(label: str, where: str, n_questions: int, seed: int = 0) -> list[di
     half = 1.96 * gain.std(ddof=1) / np.sqrt(len(gain))
     record = {"recipe": label, "checkpoint": str(where), **training_record(path)}
     rows = []
-    for metric in ("within_auc@1", "within_auc@2", "greedy_accuracy", "accept_gap", "accept_gap_within"):
+    for metric in ("within_auc@1", "within_auc@2", "greedy_accuracy", "accept_gap", "accept_gap_within",
+                   "corruption_auc", "own_logprob_auc"):
         rows.append({**record, "metric": metric, **v.loc[metric, ["value", "lo", "hi"]].to_dict()})
     for metric in ("p_s_first", "realized_accuracy"):
         rows.append({**record, "metric": metric, **ds.loc[metric, ["value", "lo", "hi"]].to_dict()})
@@ -72,7 +73,7 @@ def summary(df: pd.DataFrame, command: str) -> str:
     cell = lambda r: f"{r.value:.3f}" if np.isnan(r.lo) else fmt(r.value, r.lo, r.hi)
     values = df.assign(v=[cell(r) for r in df.itertuples()]).pivot(index="recipe", columns="metric", values="v")
     info = df.groupby("recipe", sort=False)[["steps", "wall_s"]].first()
-    table = info.join(values[list(SHOWN)]).reset_index()
+    table = info.join(values.reindex(columns=list(SHOWN))).reset_index()
     return "\n".join(["# Recipe study (hard cells, held-out questions)", "", f"Command: `{command}`", "",
                       "within_share = within-question part / behavioural accept gap; reflection_gain = "
                       "realized - first-attempt accuracy.", "", table.to_markdown(index=False), ""])

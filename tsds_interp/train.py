@@ -188,6 +188,12 @@ PRESETS: dict[str, dict[str, dict]] = {
                    ckpt_every=25, log_every=5),
     },
 }
+# The small preset with the reflective-SFT recipe whose decision checks (some) candidates: the model's
+# natural accuracy per cell, rejected candidates not imitated, paired verification rows, decision
+# tokens given 0.8 of the loss at twice the learning rate. Pretraining and RL are those of "small".
+PRESETS["small_verify"] = {**PRESETS["small"], "sft": dict(
+    PRESETS["small"]["sft"], sft_mix="natural", rejected_samples="skip", verify_questions=16384,
+    weighting="role_balanced", decision_share=0.8, lr=1e-3)}
 
 
 def preset_config(preset: str, stage: str, **overrides) -> TrainConfig:

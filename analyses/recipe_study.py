@@ -23,7 +23,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import fmt  # noqa: E402
 
-from tsds_interp.metrics import ds_metrics, hard_cells, verification_metrics  # noqa: E402
+from tsds_interp.metrics import collect_verification, ds_metrics, hard_cells, verification_table  # noqa: E402
 from tsds_interp.model import config_of, load, resolve_checkpoint  # noqa: E402
 from tsds_interp.rollout import rollout  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
@@ -47,11 +47,11 @@ def evaluate(label: str, where: str, n_questions: int, seed: int = 0) -> list[di
     model = load(path)
     task = config_of(model).task
     cells = hard_cells(task)
-    v = verification_metrics(model, n_questions, cells=cells, seed=seed)
-    v = v[v.cell == "hard"].set_index("metric")
     parsed = tuple(tuple(int(x) for x in c.split("x")) for c in cells)
     q = sample_questions(task, "test", n_questions, seed=10_007 + seed, cells=parsed)
-    r = rollout(model, q, task=task, temperature=1.0, seed=seed + 3)
+    r = rollout(model, q, task=task, temperature=1.0, seed=seed + 3)  # one set of episodes for both tables
+    v = verification_table(collect_verification(model, q, seed=seed), cells, r, seed=seed)
+    v = v[v.cell == "hard"].set_index("metric")
     ds = ds_metrics(r).query("cell == 'all'").set_index("metric")
     gain = (r.final_correct.float() - r.correct[:, 0].float()).numpy()
     half = 1.96 * gain.std(ddof=1) / np.sqrt(len(gain))

@@ -185,16 +185,3 @@ def test_sft_with_verification_options_trains_and_resumes_a_grown_model(trained_
     assert all(torch.equal(v, w) for v, w in zip(straight.state_dict().values(), resumed.state_dict().values()))
     with pytest.raises(ValueError, match="rejected_samples"):
         preset_config("tiny", "sft", rejected_samples="drop")
-
-
-def test_candidate_logprob_matches_token_logprobs(random_model):
-    from tsds_interp.metrics import candidate_logprob
-    from tsds_interp.objectives import token_logprobs
-
-    task = random_model.tsds_config.task
-    tokens = build_trajectories(torch.tensor([3, 12, 7]), torch.tensor([4, 9, 11]),
-                                [torch.tensor([12, 108, 70])], [torch.tensor([ACCEPT] * 3)], task)
-    tokens = tokens[:, : task.prompt_len + task.answer_len]
-    with torch.no_grad():
-        expected = token_logprobs(random_model, tokens)[0][:, -task.answer_len :].sum(1)
-    assert torch.allclose(candidate_logprob(random_model, tokens, task.answer_len), expected, atol=1e-5)

@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tsds_interp.model import config_of
+from tsds_interp.objectives import token_logprobs
 from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts, rollout
 from tsds_interp.task import (
     ACCEPT,
@@ -291,19 +292,6 @@ def collect_verification(model, questions: Questions, samples: int = 8, temperat
     return v
 
 
-@torch.no_grad()
-def candidate_logprob(model, tokens: Int[Tensor, "n pos"], length: int, batch_size: int = 4096
-                      ) -> Float[Tensor, " n"]:
-    """log pi of the last ``length`` tokens of each row given what precedes them."""
-    out = []
-    device = next(model.parameters()).device
-    for start in range(0, len(tokens), batch_size):
-        t = tokens[start : start + batch_size].to(device)
-        logp = model(t)[:, -length - 1 : -1].float().log_softmax(-1)
-        out.append(logp.gather(-1, t[:, -length:, None]).squeeze(-1).sum(1).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def _logprob_auc(model, questions: Questions, sampled, qs: np.ndarray, task: TaskConfig) -> np.ndarray:
     """Within-question AUC of a verifier that reads the model's own log-probability of the candidate
     (how much of the slip signal the sampling function already holds)."""
@@ -316,9 +304,10 @@ def _logprob_auc(model, questions: Questions, sampled, qs: np.ndarray, task: Tas
     counts = torch.tensor([len(w) for w in wrong])
     prompt = prompt_tokens(q.a, q.b, task)
     L = task.answer_len
-    lp_truth = candidate_logprob(model, torch.cat([prompt, answer_tokens(truth, task)], 1), L).numpy()
-    lp_wrong = candidate_logprob(model, torch.cat([prompt.repeat_interleave(counts, 0),
-                                                   answer_tokens(torch.cat(wrong), task)], 1), L).numpy()
+    with torch.no_grad():
+        lp = lambda t: token_logprobs(model, t)[0][:, -L:].sum(1).numpy()
+        lp_truth = lp(torch.cat([prompt, answer_tokens(truth, task)], 1))
+        lp_wrong = lp(torch.cat([prompt.repeat_interleave(counts, 0), answer_tokens(torch.cat(wrong), task)], 1))
     return _paired(lp_truth, np.split(lp_wrong, np.cumsum(counts.numpy())[:-1]))[0]
 
 
@@ -338,12 +327,14 @@ def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: I
     prompt = prompt_tokens(questions.a, questions.b, task)
     answer = lambda v: answer_tokens(v.clamp(min=0), task)
     flat = torch.cat([prompt.repeat_interleave(samples, 0), answer(sampled.flatten())], 1)
-    _, p_flat = scorer(flat)
-    p_acc_sample = torch.where(wellformed.flatten(), p_flat, torch.nan).view(n, samples).numpy()
+    gap_flat, p_flat = (x.view(n, samples) for x in scorer(flat))
+    p_acc_sample = torch.where(wellformed, p_flat, torch.nan).numpy()
     truth_gap, p_truth = scorer(torch.cat([prompt, answer(truth)], 1))
     wrong_lists = [sampled[i][wrong[i]] for i in range(n)]
-    attempts = [_attempt_scores(scorer, task, prompt, truth, wrong_lists, k, truth_gap)
-                for k in range(task.budget)]
+    first = [i for i in range(n) if wrong[i].any()]
+    attempts = [{"q": np.array(first, dtype=int), "truth": truth_gap[first].numpy(),
+                 "wrong": [gap_flat[i][wrong[i]].numpy() for i in first]}]
+    attempts += [_attempt_scores(scorer, task, prompt, truth, wrong_lists, k) for k in range(1, task.budget)]
     cells = np.array([f"{x}x{y}" for x, y in questions.cells])
     greedy_correct = (greedy == truth).numpy()
     return VerificationData(cells=cells, greedy_correct=greedy_correct, sample_correct=correct.numpy(),
@@ -352,9 +343,9 @@ def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: I
                             gap_truth=truth_gap.numpy())
 
 
-def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists, k: int, truth_gap) -> dict:
-    """Decision scores at attempt ``k + 1``: the prefix holds the question's first ``k`` wrong
-    samples, each followed by REJECT; compared are the truth and the remaining wrong samples."""
+def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists, k: int) -> dict:
+    """Decision scores at attempt ``k + 1`` (k >= 1): the prefix holds the question's first ``k``
+    wrong samples, each followed by REJECT; compared are the truth and the remaining wrong samples."""
     qs = [i for i, w in enumerate(wrong_lists) if len(w) > k]
     if not qs:
         return {"q": np.zeros(0, int), "truth": np.zeros(0), "wrong": []}
@@ -365,10 +356,7 @@ def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists
     rest = [wrong_lists[i][k:] for i in qs]
     counts = [len(r) for r in rest]
     idx = torch.tensor(qs)
-    if k == 0:
-        t = truth_gap[idx]
-    else:
-        t, _ = scorer(torch.cat([prefixes, answer_tokens(truth[idx], task)], 1))
+    t, _ = scorer(torch.cat([prefixes, answer_tokens(truth[idx], task)], 1))
     w_tokens = torch.cat([prefixes.repeat_interleave(torch.tensor(counts), 0),
                           answer_tokens(torch.cat(rest), task)], 1)
     w, _ = scorer(w_tokens)

@@ -63,6 +63,11 @@ def head_share_heatmap(shares: pd.DataFrame, path: str | Path) -> Path:
     return Path(path)
 
 
+def _interval_bars(rows: pd.DataFrame) -> list[pd.Series]:
+    """Error-bar lengths below and above ``value`` from ``lo`` / ``hi`` (0 where missing or rounded away)."""
+    return [(rows.value - rows.lo).clip(lower=0).fillna(0), (rows.hi - rows.value).clip(lower=0).fillna(0)]
+
+
 def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the decision verify?") -> Path:
     """Three panels from :func:`tsds_interp.metrics.verification_metrics`: within- vs between-question
     AUC per cell (with 95% intervals), the accept gap split into difficulty and within-question
@@ -76,8 +81,7 @@ def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the
         for i, metric in enumerate(metrics):
             rows = part[part.metric == metric].set_index("cell").reindex(cells)
             x = [j + (i - 0.5) * 0.38 for j in range(len(cells))]
-            err = [(rows.value - rows.lo).clip(lower=0).fillna(0), (rows.hi - rows.value).clip(lower=0).fillna(0)]
-            ax.bar(x, rows.value, width=0.38, yerr=err, capsize=2, label=metric)
+            ax.bar(x, rows.value, width=0.38, yerr=_interval_bars(rows), capsize=2, label=metric)
         ax.set_xticks(range(len(cells)), cells, rotation=45)
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
@@ -88,8 +92,7 @@ def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the
     att["rate"] = att.metric.str.split("@").str[0]
     for i, (rate, part) in enumerate(att.groupby("rate")):
         x = part.attempt.astype(int) + (i - 0.5) * 0.15
-        err = [(part.value - part.lo).clip(lower=0).fillna(0), (part.hi - part.value).clip(lower=0).fillna(0)]
-        axes[2].errorbar(x, part.value, yerr=err, fmt="o", capsize=3, label=rate)
+        axes[2].errorbar(x, part.value, yerr=_interval_bars(part), fmt="o", capsize=3, label=rate)
     axes[2].set_xlabel("attempt")
     axes[2].set_xticks(sorted(att.attempt.astype(int).unique()))
     axes[2].legend(fontsize=8)

@@ -281,10 +281,12 @@ def build_trajectories(a: Int[Tensor, " n"], b: Int[Tensor, " n"],
     return out
 
 
-def rejected_candidate_tokens(tokens: Int[Tensor, "batch pos"], task: TaskConfig) -> Bool[Tensor, "batch pos"]:
+def rejected_candidate_tokens(tokens: Int[Tensor, "batch pos"], task: TaskConfig,
+                              roles: Int[Tensor, "batch pos"] | None = None) -> Bool[Tensor, "batch pos"]:
     """Sample tokens of candidates that are followed by a REJECT decision (what an SFT recipe that
-    trains the decision but not the rejected answer leaves out of the loss)."""
-    roles = token_roles(tokens, task)
+    trains the decision but not the rejected answer leaves out of the loss); ``roles`` are
+    :func:`token_roles` of ``tokens`` when the caller has them."""
+    roles = token_roles(tokens, task) if roles is None else roles
     out = torch.zeros_like(tokens, dtype=torch.bool)
     for start in range(task.prompt_len, tokens.shape[1] - task.answer_len, task.attempt_len):
         cand, dec = slice(start, start + task.answer_len), start + task.answer_len

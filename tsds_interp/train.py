@@ -395,7 +395,7 @@ class Trainer:
         weighting = "token_mean" if self.cfg.stage == "pretrain" else self.cfg.weighting
         skip = None
         if self.cfg.stage == "sft" and self.cfg.rejected_samples == "skip":
-            skip = rejected_candidate_tokens(tokens, self.task).to(self.cfg.device)
+            skip = rejected_candidate_tokens(tokens.to(roles.device), self.task, roles)
         terms = sft_terms(logp, roles, weighting, self.cfg.decision_share, total=self.dist.sum, skip=skip)
         return terms, {"entropy": _mean_counted(ent, roles, self.dist.sum)}
 

@@ -7,7 +7,7 @@ import transformer_lens.patching as tlp
 from transformer_lens.tools.analysis.attribution_patching import Node
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attr
 
-from tsds_interp.model import ModelConfig, build_model, save
+from tsds_interp.model import ModelConfig, build_model, load, save
 from tsds_interp.patch import main as patch_main
 from tsds_interp.patching import (
     activation_patch,
@@ -164,3 +164,40 @@ def test_patch_cli_runs_under_bf16_autocast(tmp_path, capsys):
                        "--out", str(tmp_path)]) == 0
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["autocast"] == "bf16" and run["peak_memory_mb"] > 0
+
+
+def test_normalized_scores_only_where_the_gap_interval_excludes_zero(model):
+    from tsds_interp.patch import run_patching
+    from tsds_interp.patching import Pairs
+    task = model.tsds_config.task
+    real = decision_pairs(load("sft"), task, 8, seed=0, cells="1x1")  # truth vs wrong: gap of several logits
+    sft = load("sft")
+    df = run_patching(sft, "decision", "activation", "head", pairs=real)
+    assert df.normalized_defined.all() and df.gap_lo.iloc[0] > 0 and df.value.notna().all()
+    assert df.effect.to_numpy() == pytest.approx((df.value * df.gap).to_numpy(), abs=1e-4)
+    none = Pairs("decision", real.clean, real.clean.clone(), real.answer, real.origin, real.prompt_len)
+    df = run_patching(sft, "decision", "attribution", "head", pairs=none)
+    assert not df.normalized_defined.any() and df.value.isna().all()
+    assert df.gap.iloc[0] == df.gap_lo.iloc[0] == df.gap_hi.iloc[0] == 0
+    assert df.effect.abs().max() == 0  # nothing differs, so nothing to attribute
+
+
+def test_decision_pairs_use_own_wrong_samples_of_the_chosen_cells():
+    from tsds_interp.task import num_digits, parse_candidate
+    sft = load("sft")
+    task = sft.tsds_config.task
+    p = decision_pairs(sft, task, 12, seed=0, cells="2x3,3x2")
+    assert p.cells == ["2x3", "3x2"] and p.cell_rule == "given" and p.origin == ["model"] * 12
+    P = task.prompt_len
+    assert torch.equal(p.clean[:, :P], p.corrupted[:, :P])
+    a = torch.tensor([int("".join(map(str, r[1 : 1 + task.width].tolist()))) for r in p.clean])
+    b = torch.tensor([int("".join(map(str, r[2 + task.width : 2 + 2 * task.width].tolist()))) for r in p.clean])
+    cells = set(zip(num_digits(a).tolist(), num_digits(b).tolist()))
+    assert cells <= {(2, 3), (3, 2)}
+    assert (parse_candidate(p.clean[:, P:], task) == a * b).all()
+    wrong = parse_candidate(p.corrupted[:, P:], task)
+    assert ((wrong >= 0) & (wrong != a * b)).all()
+    with pytest.raises(ValueError, match="wrong samples"):
+        decision_pairs(sft, task, 500, seed=0, cells="1x1", fallback=False, max_rounds=1)
+    with pytest.raises(ValueError, match="in-distribution cells"):
+        decision_pairs(sft, task, 4, cells="3x3")

@@ -1,10 +1,13 @@
 """``python -m tsds_interp.patch``: find the decision and sampling components of a model.
 
-Builds contrast pairs (decision: same question, right vs wrong candidate, metric ACCEPT - REJECT
-logit at the decision position; sampling: two questions one operand digit apart, metric log-prob
-of the right answer), patches every component with the chosen method and granularity, prints the
-top components per function and writes ``patching.csv``, one PNG heatmap per function and grid,
-and ``run.json`` into ``--out``. Scores are normalized: 0 = corrupted run, 1 = clean run.
+Builds contrast pairs (decision: same question, the true product vs the model's own wrong sample,
+from the cells where the decision tells them apart, metric ACCEPT - REJECT logit at the decision
+position; sampling: two questions one operand digit apart, metric log-prob of the right answer),
+prints each function's clean - corrupted gap with a bootstrap interval, patches every component
+with the chosen method and granularity, prints the top components per function and writes
+``patching.csv``, one PNG heatmap per function and grid, and ``run.json`` into ``--out``. Effects
+are changes of the metric from the base run; normalized scores (0 = corrupted run, 1 = clean run)
+are given only where the gap's interval excludes 0.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import torch
 
 from tsds_interp.model import CheckpointError, autocast, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import (
+    Pairs,
     activation_patch,
     attribution_patch,
     decision_pairs,
     normalized,
+    parse_cells,
     sampling_pairs,
     to_frame,
 )
@@ -33,27 +38,48 @@ from tsds_interp.plotting import heatmap
 GRANULARITY_GRIDS = {"layer": ("attn_out", "mlp_out"), "head": ("head",), "head_pos": ("head_pos",)}
 
 
-def run_patching(model, function: str, method: str = "activation", granularity: str = "head",
-                 n_pairs: int = 32, seed: int = 0, direction: str = "denoise", memory_mb: float = 256
-                 ) -> pd.DataFrame:
-    """Tidy normalized patching scores for one function ('decision' or 'sampling')."""
+def make_pairs(model, function: str, n_pairs: int = 32, seed: int = 0, cells: str = "auto") -> Pairs:
+    """Decision pairs (truth vs the model's own wrong sample, ``cells`` as in
+    :func:`~tsds_interp.patching.decision_pairs`) or sampling pairs (all cells unless given)."""
     task = config_of(model).task
-    pairs = (decision_pairs(model, task, n_pairs, seed=seed) if function == "decision"
-             else sampling_pairs(task, n_pairs, seed=seed))
+    if function == "decision":
+        return decision_pairs(model, task, n_pairs, seed=seed, cells=cells)
+    return sampling_pairs(task, n_pairs, seed=seed, cells=cells)
+
+
+def run_patching(model, function: str, method: str = "activation", granularity: str = "head",
+                 n_pairs: int = 32, seed: int = 0, direction: str = "denoise", memory_mb: float = 256,
+                 cells: str = "auto", pairs: Pairs | None = None, n_boot: int = 1000) -> pd.DataFrame:
+    """Tidy patching scores for one function ('decision' or 'sampling').
+
+    ``effect``: change of the metric from the base run (corrupted run when denoising); ``value``:
+    the normalized score (0 = corrupted run, 1 = clean run), NaN when the clean - corrupted gap's
+    95% bootstrap interval (``gap_lo``, ``gap_hi``) includes 0, where normalizing divides by noise.
+    """
+    pairs = pairs or make_pairs(model, function, n_pairs, seed, cells)
     with torch.no_grad():
         clean_v = float(pairs.metric(model(pairs.clean)))
         corr_v = float(pairs.metric(model(pairs.corrupted)))
+    gap, lo, hi = pairs.gap(model, n_boot=n_boot, seed=seed)
+    defined = bool(lo > 0 or hi < 0)
+    base_v = corr_v if direction == "denoise" else clean_v
     frames = []
     for grid in GRANULARITY_GRIDS[granularity]:
         if method == "activation":
             raw = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction,
                                    memory_mb=memory_mb)
+            effect = raw - base_v
         else:
             raw = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction)
+            effect = raw
         norm = normalized(raw, clean_v, corr_v, direction, attribution=method == "attribution")
-        df = to_frame(norm, grid, function=function, method=method)
-        df["raw"] = raw.flatten().numpy()
+        df = to_frame(norm if defined else torch.full_like(norm, float("nan")), grid, function=function,
+                      method=method)
+        df["effect"] = effect.flatten().numpy()
         df["clean_metric"], df["corrupted_metric"] = clean_v, corr_v
+        df["gap"], df["gap_lo"], df["gap_hi"], df["normalized_defined"] = gap, lo, hi, defined
+        df["pairs"], df["own_wrong_pairs"] = len(pairs), pairs.origin.count("model")
+        df["cells"], df["cell_rule"] = ",".join(pairs.cells), pairs.cell_rule
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
@@ -72,12 +98,22 @@ def component_name(row) -> str:
 
 
 def top_components(df: pd.DataFrame, k: int = 8) -> pd.DataFrame:
-    """The ``k`` cells with the largest |normalized score| per function."""
+    """The ``k`` cells with the largest |effect| per function (the normalized score where defined)."""
     df = df.copy()
     df["component"] = [component_name(r) for r in df.itertuples()]
-    df["abs"] = df.value.abs()
+    df["abs"] = df.effect.abs()
     return (df.sort_values("abs", ascending=False).groupby("function", sort=False).head(k)
-            [["function", "component", "value", "raw"]].reset_index(drop=True))
+            [["function", "component", "effect", "value"]].reset_index(drop=True))
+
+
+def gap_line(part: pd.DataFrame) -> str:
+    """One line on a function's contrast: its gap, interval, pairs and cells, and whether normalizing is defined."""
+    r = part.iloc[0]
+    own = f", {r.own_wrong_pairs} with the model's own wrong sample" if r.function == "decision" else ""
+    verdict = ("normalized scores shown" if r.normalized_defined else
+               "the interval includes 0: normalized scores are undefined, raw effects only")
+    return (f"{r.function}: clean - corrupted metric {r.gap:.3f} [{r.gap_lo:.3f}, {r.gap_hi:.3f}] over "
+            f"{r.pairs} pairs{own}; cells {r.cells} ({r.cell_rule}); {verdict}")
 
 
 def _plots(df: pd.DataFrame, out: Path, label: str) -> list[str]:
@@ -86,7 +122,9 @@ def _plots(df: pd.DataFrame, out: Path, label: str) -> list[str]:
         rows, cols = ("layer", "head") if grid.startswith("head") else ("layer", "pos")
         path = out / f"{function}_{grid}.png"
         note = " (summed over positions)" if grid == "head_pos" else ""
-        heatmap(part, rows, cols, path, f"{function} {grid} {label}{note}")
+        value = "value" if part.normalized_defined.iloc[0] else "effect"
+        kind = "normalized" if value == "value" else "raw effect"
+        heatmap(part, rows, cols, path, f"{function} {grid} {label}{note}: {kind}", value=value)
         files.append(path.name)
     return files
 
@@ -100,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="head", choices=tuple(GRANULARITY_GRIDS))
     p.add_argument("--direction", default="denoise", choices=("denoise", "noise"))
     p.add_argument("--pairs", type=int, default=32, help="contrast pairs per function")
+    p.add_argument("--cells", default="auto",
+                   help="difficulty cells of the pairs: auto (decision: cells where the decision separates "
+                        "truth from the model's own wrong samples on screening questions; sampling: all), all, "
+                        "or e.g. 1x2,2x1")
     p.add_argument("--top", type=int, default=8, help="components to print per function")
     p.add_argument("--out", default="runs/patch", help="output folder")
     p.add_argument("--memory-mb", type=float, default=256,
@@ -120,10 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         functions = ("decision", "sampling") if args.function == "both" else (args.function,)
         if args.memory_mb <= 0:
             raise ValueError(f"--memory-mb must be > 0, got {args.memory_mb}")
+        if args.cells not in ("auto", "all"):
+            parse_cells(args.cells, config_of(model).task)
         t0 = time.time()
         with autocast(args.device, args.autocast):
             df = pd.concat([run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
-                                         args.direction, args.memory_mb) for f in functions], ignore_index=True)
+                                         args.direction, args.memory_mb, args.cells) for f in functions],
+                           ignore_index=True)
         elapsed = time.time() - t0
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -134,9 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     files = _plots(df, out, f"({args.method}, {path.name})")
     top = top_components(df, args.top)
     print(f"{args.method} patching ({args.direction}) of {path} with {args.pairs} pairs per "
-          f"function, {elapsed:.1f}s; 0 = corrupted, 1 = clean")
-    for function, part in top.groupby("function", sort=False):
-        print(f"\ntop {function} components:")
+          f"function, {elapsed:.1f}s; effect = change of the metric from the base run; normalized value: "
+          "0 = corrupted, 1 = clean")
+    for function in functions:
+        part = top[top.function == function]
+        print("\n" + gap_line(df[df.function == function]))
+        print(f"top {function} components:")
         print(part.drop(columns="function").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     (out / "run.json").write_text(json.dumps({**vars(args), "checkpoint_path": str(path),
                                               "elapsed_s": elapsed, "peak_memory_mb": peak_memory_mb(args.device),

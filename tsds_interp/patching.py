@@ -20,7 +20,7 @@ gradient is averaged along the straight line from base to source, one layer at a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -29,10 +29,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tsds_interp.metrics import _boot_mean, decision_scores
 from tsds_interp.rollout import CachedStepper, rollout
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
+    Cell,
+    Questions,
     TaskConfig,
     answer_tokens,
     corrupt_digit,
@@ -79,6 +82,8 @@ class Pairs:
     answer: Int[Tensor, "batch answer"]   # sampling: the clean answer tokens; decision: unused
     origin: list[str]                     # decision: "model" or "corruption" per pair
     prompt_len: int
+    cells: list[str] = field(default_factory=list)  # the difficulty cells the questions come from
+    cell_rule: str = "all"                # how those cells were chosen
 
     def metric_per_pair(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
         if self.function == "decision":
@@ -91,45 +96,153 @@ class Pairs:
     def metric(self, logits) -> Tensor:
         return self.metric_per_pair(logits).mean()
 
+    @torch.no_grad()
+    def gap(self, model, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+        """Mean clean - corrupted metric over pairs with a 95% bootstrap interval over pairs."""
+        d = (self.metric_per_pair(model(self.clean)) - self.metric_per_pair(model(self.corrupted))).float()
+        return _boot_mean(d.cpu().numpy(), np.random.default_rng(seed), n_boot)
+
     def __len__(self) -> int:
         return self.clean.shape[0]
 
 
-def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, model_fraction: float = 0.5
-                   ) -> Pairs:
-    """Same question, correct vs wrong candidate; the metric is ACCEPT - REJECT logit at the decision.
+def own_samples(model, questions: Questions, task: TaskConfig, samples: int, temperature: float, seed: int
+                ) -> Int[Tensor, "n samples"]:
+    """``samples`` first-attempt candidates per question (-1 = malformed), sampled at ``temperature``."""
+    r = rollout(model, questions.repeat_interleave(samples), task=task, budget=1, temperature=temperature,
+                seed=seed)
+    return r.values[:, 0].view(len(questions), samples)
 
-    Up to ``model_fraction`` of the wrong candidates are the model's own mistakes (sampled first
-    attempts on held-out questions); the rest corrupt one random digit of the right answer.
+
+def screen_cells(model, task: TaskConfig, questions_per_cell: int = 128, samples: int = 8,
+                 temperature: float = 1.0, seed: int = 0, n_boot: int = 1000, min_wrong: int = 20,
+                 max_rounds: int = 4) -> pd.DataFrame:
+    """Where does the decision tell the truth from the model's own wrong samples? Per in-distribution
+    cell, on training-split questions (never the held-out ones pairs are drawn from), drawn in rounds
+    of ``questions_per_cell`` until ``min_wrong`` have a wrong sample: the mean within-question
+    ACCEPT-REJECT logit gap, truth minus own wrong samples, with a bootstrap interval over questions
+    at the Bonferroni level 1 - 0.05 / cells; ``deciding`` where it lies above 0 (and >= 5 questions)."""
+    rng = np.random.default_rng(seed)
+    level = 100 * 0.05 / len(task.train_cells)
+    rows = []
+    for cell in task.train_cells:
+        gaps = []
+        for rnd in range(max_rounds):
+            q = sample_questions(task, "train", questions_per_cell, seed=seed + 3 + 100 * rnd, cells=(cell,))
+            gaps.append(_within_gaps(model, q, own_samples(model, q, task, samples, temperature, seed + 4 + rnd),
+                                     task))
+            if sum(map(len, gaps)) >= min_wrong:
+                break
+        gaps = np.concatenate(gaps)
+        if len(gaps):
+            draws = gaps[rng.integers(0, len(gaps), (n_boot, len(gaps)))].mean(1)
+            lo, hi = np.percentile(draws, [level / 2, 100 - level / 2])
+        else:
+            lo = hi = np.nan
+        rows.append(dict(cell=f"{cell[0]}x{cell[1]}", gap=gaps.mean() if len(gaps) else np.nan, lo=lo, hi=hi,
+                         questions_with_wrong=len(gaps), deciding=bool(len(gaps) >= 5 and lo > 0)))
+    return pd.DataFrame(rows)
+
+
+def _within_gaps(model, q: Questions, sampled: Int[Tensor, "n samples"], task: TaskConfig) -> np.ndarray:
+    """Per question with a wrong sample: decision logit gap of the truth minus the mean over its wrong samples."""
+    truth = q.a * q.b
+    wrong = (sampled >= 0) & (sampled != truth[:, None])
+    has = wrong.any(1)
+    if not has.any():
+        return np.zeros(0)
+    prompt = prompt_tokens(q.a, q.b, task)
+    t_gap = decision_scores(model, torch.cat([prompt[has], answer_tokens(truth[has], task)], 1))[0]
+    rows = wrong[has].nonzero()
+    w_gap = decision_scores(model, torch.cat([prompt[has][rows[:, 0]],
+                                              answer_tokens(sampled[has][rows[:, 0], rows[:, 1]], task)], 1))[0]
+    counts = wrong[has].sum(1)
+    w_mean = torch.zeros(len(counts)).index_add_(0, rows[:, 0], w_gap) / counts
+    return (t_gap - w_mean).numpy()
+
+
+def parse_cells(cells: str | tuple[str, ...] | list[str], task: TaskConfig) -> tuple[Cell, ...]:
+    """``"1x2,2x1"`` or ``["1x2", "2x1"]`` -> in-distribution cells, with a clear error."""
+    names = [c.strip() for c in (cells.split(",") if isinstance(cells, str) else cells) if c.strip()]
+    known = {f"{a}x{b}": (a, b) for a, b in task.train_cells}
+    bad = [c for c in names if c not in known]
+    if bad or not names:
+        raise ValueError(f"cells must be in-distribution cells of the task ({', '.join(known)}), "
+                         f"'auto' or 'all'; got {cells!r}")
+    return tuple(known[c] for c in names)
+
+
+def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, cells: str | tuple[str, ...] = "auto",
+                   samples: int = 8, temperature: float = 1.0, fallback: bool = True, max_rounds: int = 8
+                   ) -> Pairs:
+    """Same question, the true product (clean) vs the model's own wrong sample (corrupted); the metric
+    is the ACCEPT - REJECT logit at the decision position.
+
+    ``cells``: ``"auto"`` (default) takes the cells where the decision separates the truth from the
+    model's own wrong samples on screening questions (:func:`screen_cells`; every cell with wrong
+    samples if none does), ``"all"`` every in-distribution cell, or a list such as ``"1x2,2x1"``.
+    Held-out questions of those cells are drawn in rounds, ``samples`` candidates each at
+    ``temperature``, one pair per question with a wrong sample, until ``n`` pairs or ``max_rounds``.
+    With ``fallback``, any shortfall is filled with one-digit corruptions of the truth (``origin``
+    says which pairs are which); without it, a shortfall is an error.
     """
     if n < 1:
         raise ValueError(f"asked for {n} pairs; ask for at least 1")
+    rule, chosen = _choose_cells(model, task, cells, samples, temperature, seed)
     rng = np.random.default_rng(seed)
-    q = sample_questions(task, "test", 8 * n, seed=seed + 1)
-    truth = q.a * q.b
-    sampled = rollout(model, q, task=task, budget=1, temperature=1.0, seed=seed).values[:, 0]
-    mistakes = ((sampled >= 0) & (sampled != truth)).nonzero().squeeze(1).numpy()
-    k_model = min(len(mistakes), round(n * model_fraction))
-    take_model = rng.permutation(mistakes)[:k_model]
-    rest = np.setdiff1d(np.arange(len(q)), take_model)
-    take_corrupt = rng.permutation(rest)[: n - k_model]
-    idx = torch.from_numpy(np.concatenate([take_model, take_corrupt]))
-    wrong = torch.cat([sampled[take_model], corrupt_digit(truth[take_corrupt], task, rng)])
-    qq = q[idx]
-    prompt = prompt_tokens(qq.a, qq.b, task)
-    clean = torch.cat([prompt, answer_tokens(truth[idx], task)], 1)
-    corrupted = torch.cat([prompt, answer_tokens(wrong, task)], 1)
+    qa, qb, wrong = [], [], []
+    for rnd in range(max_rounds):
+        q = sample_questions(task, "test", max(4 * n, 64), seed=seed + 1 + 1000 * rnd, cells=chosen)
+        sampled = own_samples(model, q, task, samples, temperature, seed + 1000 * rnd)
+        is_wrong = (sampled >= 0) & (sampled != (q.a * q.b)[:, None])
+        has = is_wrong.any(1).nonzero().squeeze(1)
+        first = is_wrong[has].float().argmax(1)
+        qa.append(q.a[has]), qb.append(q.b[has]), wrong.append(sampled[has, first])
+        if sum(len(x) for x in qa) >= n:
+            break
+    a, b, w = torch.cat(qa)[:n], torch.cat(qb)[:n], torch.cat(wrong)[:n]
+    k_model = len(a)
+    if k_model < n:
+        if not fallback:
+            raise ValueError(f"the model made only {k_model} wrong samples in cells {_names(chosen)}; ask for "
+                             "fewer pairs, other cells, a higher temperature, or allow the corruption fallback")
+        q = sample_questions(task, "test", n - k_model, seed=seed + 7, cells=chosen)
+        a, b = torch.cat([a, q.a]), torch.cat([b, q.b])
+        w = torch.cat([w, corrupt_digit(q.a * q.b, task, rng)])
+    prompt = prompt_tokens(a, b, task)
+    truth = answer_tokens(a * b, task)
     origin = ["model"] * k_model + ["corruption"] * (n - k_model)
-    return Pairs("decision", clean, corrupted, answer_tokens(truth[idx], task), origin, task.prompt_len)
+    return Pairs("decision", torch.cat([prompt, truth], 1), torch.cat([prompt, answer_tokens(w, task)], 1),
+                 truth, origin, task.prompt_len, cells=_names(chosen), cell_rule=rule)
 
 
-def sampling_pairs(task: TaskConfig, n: int, seed: int = 0) -> Pairs:
+def _names(cells: tuple[Cell, ...]) -> list[str]:
+    return [f"{a}x{b}" for a, b in cells]
+
+
+def _choose_cells(model, task: TaskConfig, cells, samples: int, temperature: float, seed: int
+                  ) -> tuple[str, tuple[Cell, ...]]:
+    if isinstance(cells, str) and cells == "all":
+        return "all", task.train_cells
+    if not (isinstance(cells, str) and cells == "auto"):
+        return "given", parse_cells(cells, task)
+    screen = screen_cells(model, task, samples=samples, temperature=temperature, seed=seed)
+    deciding = screen[screen.deciding].cell.tolist()
+    if deciding:
+        return "auto: screened gap > 0", parse_cells(deciding, task)
+    with_wrong = screen[screen.questions_with_wrong > 0].cell.tolist()
+    return "auto: no cell decides; cells with wrong samples", parse_cells(with_wrong or _names(task.train_cells),
+                                                                          task)
+
+
+def sampling_pairs(task: TaskConfig, n: int, seed: int = 0, cells: str | tuple[str, ...] = "all") -> Pairs:
     """Two questions differing in one digit of ``a``; the metric is the log-prob of the clean
-    question's answer, teacher-forced after either prompt."""
+    question's answer, teacher-forced after either prompt. ``cells``: ``"all"`` or a list."""
     if n < 1:
         raise ValueError(f"asked for {n} pairs; ask for at least 1")
+    chosen = task.train_cells if cells in ("all", "auto") else parse_cells(cells, task)
     rng = np.random.default_rng(seed)
-    q = sample_questions(task, "test", n, seed=seed + 2)
+    q = sample_questions(task, "test", n, seed=seed + 2, cells=chosen)
     a2 = corrupt_digit(q.a, task, rng)
     bad = num_digits(a2) != num_digits(q.a)  # keep the difficulty cell: redo leading-digit zeros
     while bad.any():
@@ -138,7 +251,8 @@ def sampling_pairs(task: TaskConfig, n: int, seed: int = 0) -> Pairs:
     ans = answer_tokens(q.a * q.b, task)
     clean = torch.cat([prompt_tokens(q.a, q.b, task), ans], 1)
     corrupted = torch.cat([prompt_tokens(a2, q.b, task), ans], 1)
-    return Pairs("sampling", clean, corrupted, ans, ["corruption"] * n, task.prompt_len)
+    return Pairs("sampling", clean, corrupted, ans, ["corruption"] * n, task.prompt_len, cells=_names(chosen),
+                 cell_rule="all" if chosen == task.train_cells else "given")
 
 
 # ---------------------------------------------------------------- exact patching

@@ -1,0 +1,227 @@
+"""Name a decision circuit and a sampling circuit from several methods, then test them by ablation.
+
+A component is a head (``L{l}H{h}``, its ``hook_z``) or an MLP (``L{l}.mlp``, its ``hook_mlp_out``).
+:func:`node_scores` scores every component for each function by three methods:
+
+- ``activation``: exact patching of the component at every position (denoising: clean into the
+  corrupted run), effect = change of the pair metric;
+- ``attribution``: attribution patching of the same (gradient x activation difference);
+- ``ablation``: mean-ablation during full reflective rollouts (:func:`tsds_interp.ablation.ablation_sweep`),
+  effect on p_s (sampling) and the larger of the changes in p_{d|C} and p_{d|W} (decision).
+
+:func:`name_circuits` ranks components by the mean over methods of |effect| / the method's largest
+|effect| and names as a function's circuit the components that score clearly higher for it than
+for the other function (components both need are reported as shared). :func:`dissociation` mean-ablates a whole circuit
+and measures what it was named for, on held-out questions: the decision's within-question AUC
+(truth vs the unablated model's own wrong samples, teacher-forced, so the candidates stay fixed and
+only the decision can change) and p_s (greedy and sampled first-attempt accuracy from rollouts of
+the ablated model). A decision circuit should move the AUC toward 0.5 and leave p_s; a sampling
+circuit the reverse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tsds_interp.ablation import ablation_hook, ablation_sweep, components, rollout_with_hooks
+from tsds_interp.metrics import _paired, decision_scores, score_candidates, wilson
+from tsds_interp.model import config_of
+from tsds_interp.patching import Pairs, attribution_patch, own_samples, parse_cells
+from tsds_interp.rollout import rollout
+from tsds_interp.task import Questions, sample_questions
+
+METHODS = ("activation", "attribution", "ablation")
+Component = tuple[str, int, int | None]  # hook name, layer, head (None for an MLP)
+
+
+def component_label(layer: int, head: int | None) -> str:
+    return f"L{layer}.mlp" if head is None else f"L{layer}H{head}"
+
+
+def by_label(model, labels: list[str]) -> list[Component]:
+    """The components named ``labels`` (``L1H2``, ``L3.mlp``), with a clear error for unknown ones."""
+    known = {component_label(layer, head): (name, layer, head) for name, layer, head in components(model)}
+    bad = [x for x in labels if x not in known]
+    if bad:
+        raise ValueError(f"unknown component {bad[0]!r}; components are named like L0H1 or L2.mlp")
+    return [known[x] for x in labels]
+
+
+@torch.no_grad()
+def patch_components(model, pairs: Pairs) -> pd.Series:
+    """Exact activation patching of every component at all positions (clean into corrupted):
+    change of the pair metric, indexed by component label."""
+    base = float(pairs.metric(model(pairs.corrupted)))
+    comps = components(model)
+    names = sorted({c[0] for c in comps})
+    _, clean = model.run_with_cache(pairs.clean, names_filter=lambda n: n in names)
+
+    def put(act, hook, name, head):
+        act = act.clone()
+        if head is None:
+            return clean[name]
+        act[:, :, head] = clean[name][:, :, head]
+        return act
+
+    out = {}
+    for name, layer, head in comps:
+        hook = lambda a, hook, name=name, head=head: put(a, hook, name, head)
+        out[component_label(layer, head)] = float(pairs.metric(model.run_with_hooks(
+            pairs.corrupted, fwd_hooks=[(name, hook)]))) - base
+    return pd.Series(out)
+
+
+def attribute_components(model, pairs: Pairs) -> pd.Series:
+    """Attribution patching of every component at all positions, indexed by component label."""
+    heads = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head")
+    mlps = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "mlp_out").sum(1)
+    out = {component_label(layer, h): float(heads[layer, h]) for layer in range(heads.shape[0])
+           for h in range(heads.shape[1])}
+    out.update({component_label(layer, None): float(v) for layer, v in enumerate(mlps)})
+    return pd.Series(out)
+
+
+def node_scores(model, pairs: dict[str, Pairs], questions: int = 256, seed: int = 0, quiet: bool = True
+                ) -> pd.DataFrame:
+    """One row per (component, function, method): ``effect`` and ``score`` = |effect| / the largest
+    |effect| of that method and function. ``pairs`` maps 'decision' and 'sampling' to contrast pairs."""
+    rows = []
+    for function, p in pairs.items():
+        for method, effects in (("activation", patch_components(model, p)),
+                                ("attribution", attribute_components(model, p))):
+            rows += [dict(component=c, function=function, method=method, effect=v) for c, v in effects.items()]
+    if questions:
+        abl = ablation_sweep(model, questions, "mean", seed, quiet=quiet).pivot_table(
+            index="component", columns="metric", values="delta", sort=False)
+        for comp, d in abl.iterrows():
+            dec = d.p_d_given_c if abs(d.p_d_given_c) >= abs(d.p_d_given_w) else d.p_d_given_w
+            rows += [dict(component=comp, function="sampling", method="ablation", effect=d.p_s),
+                     dict(component=comp, function="decision", method="ablation", effect=dec)]
+    df = pd.DataFrame(rows)
+    peak = df.groupby(["function", "method"]).effect.transform(lambda x: x.abs().max())
+    df["score"] = (df.effect.abs() / peak.where(peak > 0)).fillna(0.0)
+    return df
+
+
+def combined_scores(scores: pd.DataFrame) -> pd.DataFrame:
+    """Component x function table of the mean score over methods."""
+    return scores.pivot_table(index="component", columns="function", values="score", aggfunc="mean", sort=False)
+
+
+def name_circuits(scores: pd.DataFrame, k: int = 3, margin: float = 0.25) -> dict[str, list[str]]:
+    """Per function, up to ``k`` components whose mean score over methods for that function exceeds
+    their mean score for the other function by at least ``margin``, best first. The circuits are
+    disjoint, so an ablation can tell them apart; :func:`shared_components` lists what both need."""
+    table = combined_scores(scores)
+    out = {}
+    for f, other in (("decision", "sampling"), ("sampling", "decision")):
+        specific = table[f] - table[other]
+        out[f] = specific[specific >= margin].sort_values(ascending=False).index[:k].tolist()
+    return out
+
+
+def shared_components(scores: pd.DataFrame, threshold: float = 0.5) -> list[str]:
+    """Components whose mean score over methods is at least ``threshold`` for both functions."""
+    table = combined_scores(scores)
+    return sorted(table.index[(table["decision"] >= threshold) & (table["sampling"] >= threshold)])
+
+
+def mean_ablation_hooks(model, comps: list[Component], reference: Int[Tensor, "batch pos"]) -> list:
+    """Forward hooks replacing each component by its per-position mean over ``reference`` tokens."""
+    names = sorted({c[0] for c in comps})
+    with torch.no_grad():
+        _, cache = model.run_with_cache(reference, names_filter=lambda n: n in names)
+    hooks = []
+    for name, _, head in comps:
+        act = cache[name] if head is None else cache[name][:, :, head]
+        hooks.append((name, ablation_hook(head, act.mean(0, keepdim=True))))
+    return hooks
+
+
+def _decision_questions(task, cells, n: int, seed: int) -> Questions:
+    """Distinct held-out questions of ``cells`` (at most ``n``)."""
+    q = sample_questions(task, "test", n, seed=seed, cells=cells)
+    keep = np.unique(np.stack([q.a.numpy(), q.b.numpy()], 1), axis=0, return_index=True)[1]
+    return q[torch.as_tensor(np.sort(keep))]
+
+
+def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], n_questions: int = 512,
+                 samples: int = 32, temperature: float = 1.0, seed: int = 0, n_boot: int = 1000,
+                 controls: int = 1) -> pd.DataFrame:
+    """Effects of mean-ablating each circuit (and ``controls`` random sets of the same size drawn from
+    the other components): rows (ablated, metric, value, delta, lo, hi, n) with 95% intervals of the
+    change from the unablated model.
+
+    - ``within_auc``: per question of ``cells`` with a wrong sample, the paired AUC of the truth
+      against the unablated model's own wrong samples (``samples`` per question), scored by the
+      ablated decision; bootstrap over questions of the paired change;
+    - ``logit_gap``: the same pairs' mean ACCEPT-REJECT gap;
+    - ``greedy_accuracy`` and ``sample_accuracy`` (p_s at temperature 0 and ``temperature``) over
+      ``n_questions`` held-out questions of every in-distribution cell, rollouts of the ablated
+      model; normal-approximation interval of the difference.
+    """
+    task = config_of(model).task
+    chosen = parse_cells(cells, task)
+    rng = np.random.default_rng(seed)
+    reference = rollout(model, sample_questions(task, "train", 256, seed=seed + 6), task=task, seed=seed).tokens
+    sets = {f"{f} circuit": by_label(model, labels) for f, labels in circuits.items() if labels}
+    named = {c for labels in circuits.values() for c in labels}
+    others = [c for c in components(model) if component_label(c[1], c[2]) not in named]
+    size = max([len(v) for v in circuits.values()] + [1])
+    for i in range(controls):
+        pick = rng.choice(len(others), min(size, len(others)), replace=False)
+        sets[f"random {size} (control {i})"] = [others[j] for j in sorted(pick)]
+    # decision: fixed candidates (the unablated model's own samples) on questions of the deciding cells
+    qd = _decision_questions(task, chosen, n_questions, seed + 11)
+    sampled = own_samples(model, qd, task, samples, temperature, seed + 12)
+    qs = sample_questions(task, "test", n_questions, seed=seed + 13)
+    kw = dict(task=task, budget=1, seed=seed + 14)
+
+    def measure(hooks):
+        scorer = lambda t: _hooked(model, hooks, lambda: decision_scores(model, t))
+        v = score_candidates(qd, sampled[:, 0], sampled, task, scorer)
+        auc, gap = _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])
+        greedy = rollout_with_hooks(model, qs, hooks, temperature=0.0, **kw).correct[:, 0].numpy().astype(float)
+        sample = rollout_with_hooks(model, qs, hooks, temperature=temperature, **kw).correct[:, 0].numpy().astype(float)
+        return dict(within_auc=auc, logit_gap=gap, greedy_accuracy=greedy, sample_accuracy=sample)
+
+    base = measure([])
+    rows = [_effect_row("none", m, x, x, rng, n_boot) for m, x in base.items()]
+    for label, comps in sets.items():
+        hit = measure(mean_ablation_hooks(model, comps, reference))
+        rows += [_effect_row(label, m, base[m], hit[m], rng, n_boot) for m in base]
+    df = pd.DataFrame(rows)
+    df["components"] = df.ablated.map({k: " ".join(component_label(c[1], c[2]) for c in v)
+                                       for k, v in sets.items()}).fillna("")
+    df["cells"] = ",".join(f"{a}x{b}" for a, b in chosen)
+    return df
+
+
+def _hooked(model, hooks, fn):
+    with model.hooks(fwd_hooks=hooks):
+        return fn()
+
+
+def _effect_row(label: str, metric: str, before: np.ndarray, after: np.ndarray, rng, n_boot: int) -> dict:
+    """Value after ablation and the change from before (paired by question) with a 95% interval."""
+    n = len(after)
+    if metric in ("within_auc", "logit_gap"):
+        d = after - before
+        draws = d[rng.integers(0, n, (n_boot, n))].mean(1) if n else np.full(n_boot, np.nan)
+        lo, hi = np.nanpercentile(draws, [2.5, 97.5]) if n else (np.nan, np.nan)
+    else:
+        p0, p1 = before.mean(), after.mean()
+        se = np.sqrt(p0 * (1 - p0) / n + p1 * (1 - p1) / n)
+        lo, hi = p1 - p0 - 1.96 * se, p1 - p0 + 1.96 * se
+    value = float(after.mean()) if n else np.nan
+    delta = float((after - before).mean()) if n else np.nan
+    if metric in ("greedy_accuracy", "sample_accuracy"):
+        vlo, vhi = wilson(after.sum(), n)
+    else:
+        vlo = vhi = np.nan
+    return dict(ablated=label, metric=metric, value=value, value_lo=float(vlo), value_hi=float(vhi),
+                delta=delta, lo=float(lo), hi=float(hi), n=n)

@@ -1,0 +1,114 @@
+"""Edge attribution: exact where the metric is linear in the edge, tracks exact path patching elsewhere."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_native)
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+
+from tsds_interp.edges import (
+    check_supported,
+    draw_graph,
+    edge_attribution,
+    edge_patch,
+    feeds,
+    nodes,
+    prune,
+    reader_grads,
+)
+from tsds_interp.model import load
+from tsds_interp.patching import decision_pairs
+
+
+def _no_hooks(model):
+    return not any(h.fwd_hooks or h.bwd_hooks for h in model.hook_dict.values())
+
+
+def _bridge(normalization_type, seed=1):
+    cfg = TransformerBridgeConfig(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=16, d_vocab=17, d_mlp=64,
+                                  act_fn="gelu", normalization_type=normalization_type, seed=seed, model_name="t")
+    model = TransformerBridge.boot_native(cfg)
+    model.eval()
+    return model
+
+
+def _tokens(seed):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 17, (5, 9), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 3] = torch.randint(0, 17, (5,), generator=g)
+    return clean, corrupted
+
+
+def logit_diff(logits):
+    return (logits[:, -1, 2] - logits[:, -1, 5]).mean()
+
+
+def test_edges_into_linear_logits_equal_exact_path_patching():
+    model = _bridge(None)  # no final norm: the metric is linear in every edge into the logits
+    clean, corrupted = _tokens(0)
+    for direction in ("denoise", "noise"):
+        attr = edge_attribution(model, clean, corrupted, logit_diff, direction)
+        into_logits = attr[attr.target == "logits"]
+        exact = edge_patch(model, clean, corrupted, logit_diff, list(zip(into_logits.source, into_logits.target)),
+                           direction)
+        assert np.abs(into_logits.score.to_numpy()).max() > 1e-3
+        np.testing.assert_allclose(into_logits.score.to_numpy(), exact.effect.to_numpy(), atol=1e-4, rtol=1e-4)
+    assert _no_hooks(model)
+
+
+def test_head_input_gradients_add_up_to_the_layers_attention_input_gradient():
+    model = _bridge("LN")
+    clean, _ = _tokens(1)
+    grads = reader_grads(model, clean, logit_diff)
+    H = model.cfg.n_heads
+    leaf = {}
+
+    def add(a, hook):
+        leaf["x"] = torch.zeros_like(a, requires_grad=True)
+        return a + leaf["x"]
+
+    for layer in range(model.cfg.n_layers):
+        with model.hooks(fwd_hooks=[(f"blocks.{layer}.ln1.hook_in", add)]):
+            (g,) = torch.autograd.grad(logit_diff(model(clean)), leaf["x"])
+        heads = grads[layer * (H + 1) : layer * (H + 1) + H].sum(0)
+        torch.testing.assert_close(heads, g, atol=1e-5, rtol=1e-4)
+    assert _no_hooks(model)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_edge_attribution_tracks_exact_edge_patching_on_the_shipped_model():
+    model = load("sft")
+    pairs = decision_pairs(model, model.tsds_config.task, 8, seed=0, cells="1x1,1x2")
+    attr = edge_attribution(model, pairs.clean, pairs.corrupted, pairs.metric, ig_steps=5)
+    exact = edge_patch(model, pairs.clean, pairs.corrupted, pairs.metric, list(zip(attr.source, attr.target)))
+    assert len(attr) == 207  # every valid edge of 4 layers x 4 heads + MLPs, embed and logits
+    assert np.corrcoef(attr.score, exact.effect)[0, 1] > 0.9
+    assert _no_hooks(model)
+
+
+def test_edge_rules_and_refusals(tmp_path):
+    model = _bridge("LN")
+    writers, readers = nodes(model)
+    by = {n.name: n for n in writers + readers}
+    assert feeds(by["embed"], by["L1H2"]) and feeds(by["L0H1"], by["L0.mlp"]) and feeds(by["L1.mlp"], by["logits"])
+    assert not feeds(by["L1H0"], by["L1H3"]) and not feeds(by["L1.mlp"], by["L1.mlp"])
+    assert not feeds(by["L1.mlp"], by["L1H0"])
+    clean, corrupted = _tokens(2)
+    with pytest.raises(ValueError, match="does not feed"):
+        edge_patch(model, clean, corrupted, logit_diff, [("L1.mlp", "L0H0")])
+    with pytest.raises(ValueError, match="unknown edge"):
+        edge_patch(model, clean, corrupted, logit_diff, [("L9H0", "logits")])
+    with pytest.raises(ValueError, match="normalization_type"):
+        check_supported(SimpleNamespace(cfg=SimpleNamespace(normalization_type="RMS")))
+    with pytest.raises(ValueError, match="positional_embedding_type"):
+        check_supported(SimpleNamespace(cfg=SimpleNamespace(normalization_type="LN", positional_embedding_type="rotary")))
+    with pytest.raises(ValueError, match="same shape"):
+        edge_attribution(model, clean, corrupted[:, :4], logit_diff)
+    top = prune(edge_attribution(model, clean, corrupted, logit_diff), 5)
+    assert len(top) == 5
+    draw_graph(top, model, tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 0

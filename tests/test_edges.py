@@ -105,7 +105,8 @@ def test_edge_rules_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="normalization_type"):
         check_supported(SimpleNamespace(cfg=SimpleNamespace(normalization_type="RMS")))
     with pytest.raises(ValueError, match="positional_embedding_type"):
-        check_supported(SimpleNamespace(cfg=SimpleNamespace(normalization_type="LN", positional_embedding_type="rotary")))
+        rotary = SimpleNamespace(normalization_type="LN", positional_embedding_type="rotary")
+        check_supported(SimpleNamespace(cfg=rotary))
     with pytest.raises(ValueError, match="same shape"):
         edge_attribution(model, clean, corrupted[:, :4], logit_diff)
     top = prune(edge_attribution(model, clean, corrupted, logit_diff), 5)

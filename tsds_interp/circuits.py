@@ -1,13 +1,16 @@
 """Name a decision circuit and a sampling circuit from several methods, then test them by ablation.
 
 A component is a head (``L{l}H{h}``, its ``hook_z``) or an MLP (``L{l}.mlp``, its ``hook_mlp_out``).
-:func:`node_scores` scores every component for each function by three methods:
+:func:`node_scores` scores every component for each function by three node-level methods and,
+optionally, by its edges:
 
 - ``activation``: exact patching of the component at every position (denoising: clean into the
   corrupted run), effect = change of the pair metric;
 - ``attribution``: attribution patching of the same (gradient x activation difference);
 - ``ablation``: mean-ablation during full reflective rollouts (:func:`tsds_interp.ablation.ablation_sweep`),
-  effect on p_s (sampling) and the larger of the changes in p_{d|C} and p_{d|W} (decision).
+  effect on p_s (sampling) and the larger of the changes in p_{d|C} and p_{d|W} (decision);
+- ``edges``: the summed |edge attribution| (integrated gradients) of the edges into and out of the
+  component (:mod:`tsds_interp.edges`).
 
 :func:`name_circuits` ranks components by the mean over methods of |effect| / the method's largest
 |effect| and names as a function's circuit the components that score clearly higher for it than
@@ -28,13 +31,14 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tsds_interp.ablation import ablation_hook, ablation_sweep, components, rollout_with_hooks
+from tsds_interp.edges import edge_attribution
 from tsds_interp.metrics import _paired, decision_scores, score_candidates, wilson
 from tsds_interp.model import config_of
 from tsds_interp.patching import Pairs, attribution_patch, own_samples, parse_cells
 from tsds_interp.rollout import rollout
 from tsds_interp.task import Questions, sample_questions
 
-METHODS = ("activation", "attribution", "ablation")
+METHODS = ("activation", "attribution", "ablation", "edges")
 Component = tuple[str, int, int | None]  # hook name, layer, head (None for an MLP)
 
 
@@ -85,11 +89,23 @@ def attribute_components(model, pairs: Pairs) -> pd.Series:
     return pd.Series(out)
 
 
-def node_scores(model, pairs: dict[str, Pairs], questions: int = 256, seed: int = 0, quiet: bool = True
-                ) -> pd.DataFrame:
+def edge_scores(model, pairs: dict[str, Pairs], ig_steps: int = 5) -> pd.DataFrame:
+    """Edge attribution (integrated gradients) of every edge for each function's pairs."""
+    return pd.concat([edge_attribution(model, p.clean, p.corrupted, p.metric, ig_steps=ig_steps).assign(function=f)
+                      for f, p in pairs.items()], ignore_index=True)
+
+
+def node_scores(model, pairs: dict[str, Pairs], questions: int = 256, seed: int = 0, quiet: bool = True,
+                edges: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (component, function, method): ``effect`` and ``score`` = |effect| / the largest
-    |effect| of that method and function. ``pairs`` maps 'decision' and 'sampling' to contrast pairs."""
+    |effect| of that method and function. ``pairs`` maps 'decision' and 'sampling' to contrast pairs.
+    With ``edges`` (:func:`edge_scores`), a fourth method: the summed |score| of a component's edges."""
     rows = []
+    if edges is not None:
+        for function, part in edges.groupby("function"):
+            mass = part.assign(a=part.score.abs()).melt(id_vars="a", value_vars=["source", "target"])
+            mass = mass.groupby("value").a.sum().drop(["embed", "logits"], errors="ignore")
+            rows += [dict(component=c, function=function, method="edges", effect=v) for c, v in mass.items()]
     for function, p in pairs.items():
         for method, effects in (("activation", patch_components(model, p)),
                                 ("attribution", attribute_components(model, p))):
@@ -151,10 +167,10 @@ def _decision_questions(task, cells, n: int, seed: int) -> Questions:
 
 def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], n_questions: int = 512,
                  samples: int = 32, temperature: float = 1.0, seed: int = 0, n_boot: int = 1000,
-                 controls: int = 1) -> pd.DataFrame:
-    """Effects of mean-ablating each circuit (and ``controls`` random sets of the same size drawn from
-    the other components): rows (ablated, metric, value, delta, lo, hi, n) with 95% intervals of the
-    change from the unablated model.
+                 controls: int = 1, top1: bool = True) -> pd.DataFrame:
+    """Effects of mean-ablating each circuit, with ``top1`` also its best component alone, and
+    ``controls`` random sets of each of those sizes drawn from the other components: rows (ablated,
+    metric, value, delta, lo, hi, n) with 95% intervals of the change from the unablated model.
 
     - ``within_auc``: per question of ``cells`` with a wrong sample, the paired AUC of the truth
       against the unablated model's own wrong samples (``samples`` per question), scored by the
@@ -169,12 +185,16 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
     rng = np.random.default_rng(seed)
     reference = rollout(model, sample_questions(task, "train", 256, seed=seed + 6), task=task, seed=seed).tokens
     sets = {f"{f} circuit": by_label(model, labels) for f, labels in circuits.items() if labels}
+    if top1:
+        sets.update({f"{f} top component": by_label(model, labels[:1]) for f, labels in circuits.items()
+                     if len(labels) > 1})
     named = {c for labels in circuits.values() for c in labels}
     others = [c for c in components(model) if component_label(c[1], c[2]) not in named]
-    size = max([len(v) for v in circuits.values()] + [1])
-    for i in range(controls):
-        pick = rng.choice(len(others), min(size, len(others)), replace=False)
-        sets[f"random {size} (control {i})"] = [others[j] for j in sorted(pick)]
+    sizes = sorted({len(v) for v in circuits.values() if v} | ({1} if top1 else set()))
+    for size in sizes:
+        for i in range(controls):
+            pick = rng.choice(len(others), min(size, len(others)), replace=False)
+            sets[f"random {size} (control {i})"] = [others[j] for j in sorted(pick)]
     # decision: fixed candidates (the unablated model's own samples) on questions of the deciding cells
     qd = _decision_questions(task, chosen, n_questions, seed + 11)
     sampled = own_samples(model, qd, task, samples, temperature, seed + 12)

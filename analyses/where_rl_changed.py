@@ -1,14 +1,22 @@
-"""Where RL changed the network: per-component weight change and cross-model patching in rollouts.
+"""Where RL changed the network: weight change per component against its decision and sampling scores,
+and RL's circuits transplanted into the SFT model.
 
-    python analyses/where_rl_changed.py [--sft sft] [--rl rl] [--pairs 32] [--questions 1024] [--top 2]
-                                        [--out runs/analyses/where_rl_changed]
+    python analyses/where_rl_changed.py [--seed-runs runs/new_s0 runs/new_s1 runs/new_s2]
+        [--from runs/analyses/circuit_dissociation] [--questions 1024] [--samples 8]
+        [--out runs/analyses/where_rl_changed]
+
+Reads the circuits and node scores written by ``analyses/circuit_dissociation.py`` (``--from``).
+Per seed:
 
 1. Relative weight change ``|W_rl - W_sft| / |W_sft|`` of each head (its slices of W_Q, W_K, W_V,
-   W_O, b_Q, b_K, b_V) and each MLP, and its Spearman correlation with the RL model's
-   activation-patching decision and sampling scores.
-2. Cross-model patching during rollouts: the RL model's activations of its top decision
-   components (by patching score) replace the SFT model's during full reflective rollouts; the
-   DS metrics show how much of RL's change in p_{d|W}, p_{d|C} and realized accuracy they carry.
+   W_O, b_Q, b_K, b_V) and each MLP; its Spearman correlation with the RL model's decision and
+   sampling scores (mean over methods), and the mean change inside each named circuit and outside.
+2. RL's decision circuit (and, as a contrast, its sampling circuit) transplanted into the SFT
+   model: each component's activation replaced by the RL model's on the same tokens, during
+   teacher-forced scoring and full reflective rollouts. Measured on held-out questions of every
+   cell: within-question AUC (truth vs the SFT model's own wrong samples, fixed candidates), p_{d|W},
+   p_{d|C} and realized accuracy, and the share of RL's change each transplant carries,
+   ``(transplant - sft) / (rl - sft)``.
 Writes ``weight_change.csv``, ``transplant.csv``, ``where_rl_changed.png`` and ``summary.md``.
 """
 
@@ -25,16 +33,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from _common import checkpoint_groups, fmt, over_seeds  # noqa: E402
 
-from tsds_interp.ablation import components, rollout_with_hooks, transplant_hooks  # noqa: E402
+from tsds_interp.ablation import rollout_with_hooks, transplant_hooks  # noqa: E402
 from tsds_interp.attribution import parameter_groups  # noqa: E402
-from tsds_interp.metrics import ds_metrics  # noqa: E402
+from tsds_interp.circuits import by_label  # noqa: E402
+from tsds_interp.metrics import _paired, decision_scores, ds_metrics, score_candidates  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
-from tsds_interp.patch import run_patching  # noqa: E402
-from tsds_interp.rollout import rollout  # noqa: E402
+from tsds_interp.patching import own_samples  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
 
-SHOWN = ("p_s", "p_d_given_c", "p_d_given_w", "realized_accuracy")
+SHOWN = ("within_auc", "p_d_given_w", "p_d_given_c", "realized_accuracy", "p_s")
 
 
 def weight_change(sft, rl) -> pd.DataFrame:
@@ -50,70 +59,107 @@ def weight_change(sft, rl) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def transplant(sft, rl, comps, questions: int, seed: int = 0) -> pd.DataFrame:
+def measure(model, hooks, q, sampled, kw) -> dict[str, float]:
+    """Within-question AUC on fixed candidates and the DS rates of full rollouts, with ``hooks``."""
+    def scorer(tokens):
+        with model.hooks(fwd_hooks=hooks):
+            return decision_scores(model, tokens)
+
+    v = score_candidates(q, sampled[:, 0], sampled, kw["task"], scorer)
+    auc = _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])[0]
+    ds = ds_metrics(rollout_with_hooks(model, q, hooks, **kw)).query("cell == 'all'").set_index("metric").value
+    return {"within_auc": float(auc.mean()), **{m: float(ds[m]) for m in SHOWN if m != "within_auc"}}
+
+
+def transplant(sft, rl, circuits: dict[str, list[str]], questions: int, samples: int, seed: int = 0
+               ) -> pd.DataFrame:
     task = config_of(sft).task
-    q = sample_questions(task, "test", questions, seed=10_007)
+    q = sample_questions(task, "test", questions, seed=10_007 + seed)
+    sampled = own_samples(sft, q, task, samples, 1.0, seed + 1)
     kw = dict(task=task, seed=seed)
-    runs = {"sft": rollout(sft, q, **kw), "rl": rollout(rl, q, **kw),
-            "sft + rl components": rollout_with_hooks(sft, q, transplant_hooks(rl, comps), **kw)}
-    return pd.concat([ds_metrics(r).assign(model=k) for k, r in runs.items()], ignore_index=True)
+    rows = [dict(model=name, components="", **measure(m, [], q, sampled, kw)) for name, m in (("sft", sft), ("rl", rl))]
+    for function, labels in circuits.items():
+        if labels:
+            hooks = transplant_hooks(rl, by_label(rl, labels))
+            rows.append(dict(model=f"sft + rl {function} circuit", components=" ".join(labels),
+                             **measure(sft, hooks, q, sampled, kw)))
+    df = pd.DataFrame(rows).melt(id_vars=["model", "components"], value_vars=list(SHOWN), var_name="metric")
+    base = df[df.model == "sft"].set_index("metric").value
+    full = df[df.model == "rl"].set_index("metric").value
+    df["share_of_rl_change"] = (df.value - df.metric.map(base)) / (df.metric.map(full) - df.metric.map(base))
+    return df
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sft", default="sft")
-    p.add_argument("--rl", default="rl")
-    p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--seed-runs", nargs="*", help="run folders holding sft/ and rl/ checkpoints; default: shipped")
+    p.add_argument("--from", dest="source", default="runs/analyses/circuit_dissociation",
+                   help="output folder of analyses/circuit_dissociation.py (circuits.csv, node_scores.csv)")
     p.add_argument("--questions", type=int, default=1024)
-    p.add_argument("--top", type=int, default=2, help="decision heads to transplant")
+    p.add_argument("--samples", type=int, default=8)
     p.add_argument("--out", default="runs/analyses/where_rl_changed")
     args = p.parse_args(argv)
-    sft, rl = load(args.sft), load(args.rl)
-    change = weight_change(sft, rl)
-    scores = {}
-    for function in ("decision", "sampling"):
-        df = run_patching(rl, function, "activation", "head", args.pairs)
-        scores[function] = {f"L{a}H{b}": v for a, b, v in zip(df.layer, df["head"], df.value)}
-    heads = change[change["head"] >= 0].copy()
-    for function, s in scores.items():
-        heads[f"patch_{function}"] = heads.component.map(s)
-    corr = {f: heads.rel_change.corr(heads[f"patch_{f}"].abs(), method="spearman") for f in scores}
-    top = sorted(scores["decision"], key=lambda c: -abs(scores["decision"][c]))[: args.top]
-    comps = [c for c in components(rl) if c[2] is not None and f"L{c[1]}H{c[2]}" in top]
-    metrics = transplant(sft, rl, comps, args.questions)
+    src = Path(args.source)
+    if not (src / "circuits.csv").is_file():
+        raise SystemExit(f"error: no {src}/circuits.csv; run analyses/circuit_dissociation.py first or pass --from")
+    circuits = pd.read_csv(src / "circuits.csv").fillna("")
+    scores = pd.read_csv(src / "node_scores.csv")
+    groups = checkpoint_groups(["sft", "rl"], args.seed_runs)
+    changes, transplants, corr = [], [], []
+    for seed, (sft_ckpt, rl_ckpt) in enumerate(zip(groups["sft"], groups["rl"])):
+        sft, rl = load(sft_ckpt), load(rl_ckpt)
+        row = circuits[(circuits.label == "rl") & (circuits.seed == seed)].iloc[0]
+        named = {"decision": row.decision.split(), "sampling": row.sampling.split()}
+        change = weight_change(sft, rl).assign(seed=seed)
+        change = change[change.component.str.fullmatch(r"L\d+(H\d+|\.mlp)")]  # heads and MLPs
+        combined = (scores[(scores.label == "rl") & (scores.seed == seed)]
+                    .pivot_table(index="component", columns="function", values="score", aggfunc="mean"))
+        change = change.join(combined, on="component")
+        change["circuit"] = change.component.map(
+            {c: f for f, cs in named.items() for c in cs}).fillna("neither")
+        changes.append(change)
+        corr.append(dict(seed=seed, **{f"spearman_{f}": change.rel_change.corr(change[f], method="spearman")
+                                       for f in ("decision", "sampling")},
+                         **{f"mean_change_{c}": change[change.circuit == c].rel_change.mean()
+                            for c in ("decision", "sampling", "neither")}))
+        transplants.append(transplant(sft, rl, named, args.questions, args.samples).assign(seed=seed))
+        print(f"seed {seed}: RL circuits {named}", flush=True)
+    change, trans, corr = pd.concat(changes), pd.concat(transplants), pd.DataFrame(corr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     change.to_csv(out / "weight_change.csv", index=False)
-    heads.to_csv(out / "head_scores.csv", index=False)
-    metrics.to_csv(out / "transplant.csv", index=False)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    trans.to_csv(out / "transplant.csv", index=False)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    heads = change[(change.seed == 0) & (change["head"] >= 0)]
     sns.heatmap(heads.pivot(index="layer", columns="head", values="rel_change"), annot=True, fmt=".3f",
                 ax=axes[0], cmap="viridis", annot_kws={"size": 7})
-    axes[0].set_title("relative weight change SFT -> RL per head")
-    allm = metrics[(metrics.cell == "all") & metrics.metric.isin(SHOWN)]
-    sns.barplot(allm, x="metric", y="value", hue="model", ax=axes[1])
-    axes[1].set(title=f"transplanting RL's {', '.join(top)} into SFT", ylim=(0, 1))
+    axes[0].set_title("relative weight change SFT -> RL per head (seed 0)")
+    sns.barplot(trans, x="metric", y="value", hue="model", ax=axes[1], errorbar=("ci", 95))
+    axes[1].set(title="RL's circuits transplanted into SFT (bars: mean over seeds)", ylim=(0, 1))
     axes[1].tick_params(axis="x", rotation=15)
     fig.tight_layout()
     fig.savefig(out / "where_rl_changed.png", dpi=120)
     plt.close(fig)
-    wide = allm.assign(v=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" for v, lo, hi in allm[["value", "lo", "hi"]].values])
-    wide = wide.pivot(index="model", columns="metric", values="v")
-    vals = allm.pivot(index="model", columns="metric", values="value")
-    carried = {m: (vals.loc["sft + rl components", m] - vals.loc["sft", m]) / (vals.loc["rl", m] - vals.loc["sft", m])
-               for m in SHOWN}
+    k = trans.seed.nunique()
+    values = over_seeds(trans.assign(label=trans.model, cell="all", lo=np.nan, hi=np.nan), "value")
+    table = values.assign(v=[fmt(m, lo, hi) for m, lo, hi in values[["mean", "lo", "hi"]].to_numpy()]).pivot(
+        index="label", columns="metric", values="v")[list(SHOWN)]
+    shares = trans[trans.model.str.startswith("sft + ")].pivot_table(index=["model", "seed"], columns="metric",
+                                                                       values="share_of_rl_change")[list(SHOWN)]
     text = "\n".join([
         "# Where RL changed the network", "",
         "Command: `python analyses/where_rl_changed.py " + " ".join(argv or sys.argv[1:]) + "`", "",
-        "## Relative weight change per component", "",
-        change.sort_values("rel_change", ascending=False).to_markdown(index=False, floatfmt=".4f"), "",
-        f"Spearman correlation of head weight change with |RL patching score|: decision {corr['decision']:.2f}, "
-        f"sampling {corr['sampling']:.2f} ({len(heads)} heads).", "",
-        f"## RL's top decision heads ({', '.join(top)}) transplanted into SFT during rollouts "
-        f"({args.questions} held-out questions, all cells)", "",
-        wide.to_markdown(), "",
-        "Share of RL's change carried ((transplant - sft) / (rl - sft)): "
-        + ", ".join(f"{m} {v:.2f}" for m, v in carried.items()), ""])
+        f"## Weight change SFT -> RL and the RL model's component scores ({k} seeds)", "",
+        corr.to_markdown(index=False, floatfmt=".3f"), "",
+        "Largest relative changes (seed 0):", "",
+        change[change.seed == 0].sort_values("rel_change", ascending=False).head(8)
+        .to_markdown(index=False, floatfmt=".4f"), "",
+        f"## RL's circuits transplanted into SFT ({args.questions} held-out questions, all cells; "
+        f"mean over {k} seeds, 95% t-interval)", "",
+        table.to_markdown(), "",
+        "Share of RL's change carried, (transplant - sft) / (rl - sft), per seed (undefined or unstable "
+        "where RL barely differs from SFT):", "",
+        shares.to_markdown(floatfmt=".2f"), ""])
     (out / "summary.md").write_text(text)
     print(text)
     return 0

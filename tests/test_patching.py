@@ -1,6 +1,7 @@
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 import transformer_lens.patching as tlp
@@ -123,12 +124,24 @@ def test_patch_cli(model, tmp_path, capsys):
     assert {"patching.csv", "run.json", "decision_head.png", "sampling_head.png"} <= {p.name for p in out.iterdir()}
     assert patch_main(["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--out", str(out),
                        "--method", "attribution", "--granularity", "layer", "--function", "sampling"]) == 0
+    edges = tmp_path / "edges"
+    assert patch_main(["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--out", str(edges),
+                       "--granularity", "edge", "--method", "attribution", "--ig-steps", "3"]) == 0
+    assert "->" in capsys.readouterr().out
+    df = pd.read_csv(edges / "patching.csv")
+    assert set(df.grid) == {"edge"}
+    assert {"decision_edges.png", "sampling_edges.png"} <= {p.name for p in edges.iterdir()}
+    assert len(df) == 2 * 54  # every valid edge of 2 layers x (4 heads + MLP), embed and logits, per function
 
 
 def test_patch_cli_errors(tmp_path, capsys):
     assert patch_main(["--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no checkpoint folder" in capsys.readouterr().err
     assert patch_main(["--checkpoint", str(tmp_path), "--pairs", "0"]) == 2
+    assert patch_main(["--checkpoint", "sft", "--ig-steps", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--ig-steps must be >= 1" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert patch_main(["--checkpoint", "sft", "--cells", "7x7", "--out", str(tmp_path / "o")]) == 2
+    assert "in-distribution cells" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(SystemExit) as e:
         patch_main(["--method", "magic"])
     assert e.value.code == 2

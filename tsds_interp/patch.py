@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from tsds_interp.edges import draw_graph, edge_attribution, edge_patch, prune
 from tsds_interp.model import CheckpointError, autocast, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import (
     Pairs,
@@ -35,7 +36,8 @@ from tsds_interp.patching import (
 )
 from tsds_interp.plotting import heatmap
 
-GRANULARITY_GRIDS = {"layer": ("attn_out", "mlp_out"), "head": ("head",), "head_pos": ("head_pos",)}
+GRANULARITY_GRIDS = {"layer": ("attn_out", "mlp_out"), "head": ("head",), "head_pos": ("head_pos",),
+                     "edge": ("edge",)}
 
 
 def make_pairs(model, function: str, n_pairs: int = 32, seed: int = 0, cells: str = "auto") -> Pairs:
@@ -49,12 +51,15 @@ def make_pairs(model, function: str, n_pairs: int = 32, seed: int = 0, cells: st
 
 def run_patching(model, function: str, method: str = "activation", granularity: str = "head",
                  n_pairs: int = 32, seed: int = 0, direction: str = "denoise", memory_mb: float = 256,
-                 cells: str = "auto", pairs: Pairs | None = None, n_boot: int = 1000) -> pd.DataFrame:
+                 cells: str = "auto", pairs: Pairs | None = None, n_boot: int = 1000, ig_steps: int = 1
+                 ) -> pd.DataFrame:
     """Tidy patching scores for one function ('decision' or 'sampling').
 
     ``effect``: change of the metric from the base run (corrupted run when denoising); ``value``:
     the normalized score (0 = corrupted run, 1 = clean run), NaN when the clean - corrupted gap's
     95% bootstrap interval (``gap_lo``, ``gap_hi``) includes 0, where normalizing divides by noise.
+    ``granularity="edge"``: one row per edge (``source``, ``target``; :mod:`tsds_interp.edges`), exact
+    single-edge path patching (activation) or edge attribution with ``ig_steps`` (attribution).
     """
     pairs = pairs or make_pairs(model, function, n_pairs, seed, cells)
     with torch.no_grad():
@@ -65,17 +70,28 @@ def run_patching(model, function: str, method: str = "activation", granularity: 
     base_v = corr_v if direction == "denoise" else clean_v
     frames = []
     for grid in GRANULARITY_GRIDS[granularity]:
-        if method == "activation":
+        if grid == "edge":
+            df = edge_attribution(model, pairs.clean, pairs.corrupted, pairs.metric, direction, ig_steps)
+            if method == "activation":
+                df["score"] = edge_patch(model, pairs.clean, pairs.corrupted, pairs.metric,
+                                         list(zip(df.source, df.target)), direction).effect.to_numpy()
+            effect = torch.tensor(df.score.to_numpy())
+            norm = normalized(effect, clean_v, corr_v, direction, attribution=True)
+            df = df.drop(columns="score").assign(function=function, method=method, grid="edge",
+                                                 value=norm.numpy() if defined else float("nan"))
+            df["effect"] = effect.numpy()
+        elif method == "activation":
             raw = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction,
                                    memory_mb=memory_mb)
             effect = raw - base_v
         else:
-            raw = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction)
+            raw = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction, ig_steps)
             effect = raw
-        norm = normalized(raw, clean_v, corr_v, direction, attribution=method == "attribution")
-        df = to_frame(norm if defined else torch.full_like(norm, float("nan")), grid, function=function,
-                      method=method)
-        df["effect"] = effect.flatten().numpy()
+        if grid != "edge":
+            norm = normalized(raw, clean_v, corr_v, direction, attribution=method == "attribution")
+            df = to_frame(norm if defined else torch.full_like(norm, float("nan")), grid, function=function,
+                          method=method)
+            df["effect"] = effect.flatten().numpy()
         df["clean_metric"], df["corrupted_metric"] = clean_v, corr_v
         df["gap"], df["gap_lo"], df["gap_hi"], df["normalized_defined"] = gap, lo, hi, defined
         df["pairs"], df["own_wrong_pairs"] = len(pairs), pairs.origin.count("model")
@@ -92,6 +108,8 @@ def peak_memory_mb(device: str) -> float:
 
 
 def component_name(row) -> str:
+    if row.grid == "edge":
+        return f"{row.source}->{row.target}"
     kind = {"attn_out": "attn", "mlp_out": "mlp", "resid_pre": "resid"}.get(row.grid)
     name = f"L{row.layer}H{row.head}" if kind is None else f"L{row.layer}.{kind}"
     return name + (f"@{row.pos}" if "pos" in row and pd.notna(row.get("pos")) else "")
@@ -116,9 +134,14 @@ def gap_line(part: pd.DataFrame) -> str:
             f"{r.pairs} pairs{own}; cells {r.cells} ({r.cell_rule}); {verdict}")
 
 
-def _plots(df: pd.DataFrame, out: Path, label: str) -> list[str]:
+def _plots(df: pd.DataFrame, out: Path, label: str, model) -> list[str]:
     files = []
     for (function, grid), part in df.groupby(["function", "grid"]):
+        if grid == "edge":
+            path = out / f"{function}_edges.png"
+            draw_graph(prune(part.assign(score=part.effect), 12), model, path, f"{function}: top 12 edges {label}")
+            files.append(path.name)
+            continue
         rows, cols = ("layer", "head") if grid.startswith("head") else ("layer", "pos")
         path = out / f"{function}_{grid}.png"
         note = " (summed over positions)" if grid == "head_pos" else ""
@@ -142,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="difficulty cells of the pairs: auto (decision: cells where the decision separates "
                         "truth from the model's own wrong samples on screening questions; sampling: all), all, "
                         "or e.g. 1x2,2x1")
+    p.add_argument("--ig-steps", type=int, default=1,
+                   help="integrated-gradient steps of attribution patching (1 = plain gradient x difference)")
     p.add_argument("--top", type=int, default=8, help="components to print per function")
     p.add_argument("--out", default="runs/patch", help="output folder")
     p.add_argument("--memory-mb", type=float, default=256,
@@ -160,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         path = resolve_checkpoint(args.checkpoint)
         model = load(path, device=args.device)
         functions = ("decision", "sampling") if args.function == "both" else (args.function,)
+        if args.ig_steps < 1:
+            raise ValueError(f"--ig-steps must be >= 1, got {args.ig_steps}")
         if args.memory_mb <= 0:
             raise ValueError(f"--memory-mb must be > 0, got {args.memory_mb}")
         if args.cells not in ("auto", "all"):
@@ -167,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         with autocast(args.device, args.autocast):
             df = pd.concat([run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
-                                         args.direction, args.memory_mb, args.cells) for f in functions],
+                                         args.direction, args.memory_mb, args.cells, ig_steps=args.ig_steps)
+                            for f in functions],
                            ignore_index=True)
         elapsed = time.time() - t0
     except (CheckpointError, ValueError) as e:
@@ -176,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "patching.csv", index=False)
-    files = _plots(df, out, f"({args.method}, {path.name})")
+    files = _plots(df, out, f"({args.method}, {path.name})", model)
     top = top_components(df, args.top)
     print(f"{args.method} patching ({args.direction}) of {path} with {args.pairs} pairs per "
           f"function, {elapsed:.1f}s; effect = change of the metric from the base run; normalized value: "

@@ -20,6 +20,7 @@ graph per model and function. Writes ``node_scores.csv``, ``edges.csv``, ``graph
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -111,22 +112,32 @@ def main(argv=None) -> int:
     p.add_argument("--controls", type=int, default=2, help="random component sets per size")
     p.add_argument("--graph-edges", type=int, default=12, help="edges drawn per circuit graph")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/analyses/circuit_dissociation")
+    p.add_argument("--out", default="runs/analyses/circuit_dissociation",
+                   help="output folder; per-model results are kept in OUT/parts, so a rerun resumes")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     all_scores, infos, all_effects, all_edges = [], [], [], []
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
     for label, ckpts in checkpoint_groups(args.labels, args.seed_runs).items():
         for seed, ckpt in enumerate(ckpts):
-            scores, info, effects, edges = study(ckpt, args)
             tag = dict(label=label, seed=seed, checkpoint=ckpt)
-            all_edges.append(edges.assign(**tag))
-            for function, part in edges.groupby("function"):
-                draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
-                           f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution)")
-            all_scores.append(scores.assign(**tag))
+            stem = parts / f"{label}_s{seed}"
+            if not (done := Path(f"{stem}.json")).is_file():  # each model's results are kept: a rerun resumes
+                scores, info, effects, edges = study(ckpt, args)
+                scores.to_csv(f"{stem}_scores.csv", index=False)
+                effects.to_csv(f"{stem}_effects.csv", index=False)
+                edges.to_csv(f"{stem}_edges.csv", index=False)
+                done.write_text(json.dumps(info))
+                for function, part in edges.groupby("function"):
+                    draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
+                               f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution)")
+            info = json.loads(done.read_text())
+            all_scores.append(pd.read_csv(f"{stem}_scores.csv").assign(**tag))
+            all_effects.append(pd.read_csv(f"{stem}_effects.csv", keep_default_na=False, na_values=[""]).assign(**tag))
+            all_edges.append(pd.read_csv(f"{stem}_edges.csv").assign(**tag))
             infos.append({**tag, **info})
-            all_effects.append(effects.assign(**tag))
             print(f"{label} seed {seed}: {info}", flush=True)
     scores, circuits, effects = (pd.concat(all_scores), pd.DataFrame(infos), pd.concat(all_effects))
     scores.to_csv(out / "node_scores.csv", index=False)

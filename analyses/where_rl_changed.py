@@ -65,7 +65,7 @@ def measure(model, hooks, q, sampled, kw) -> dict[str, float]:
         with model.hooks(fwd_hooks=hooks):
             return decision_scores(model, tokens)
 
-    v = score_candidates(q, sampled[:, 0], sampled, kw["task"], scorer)
+    v = score_candidates(q, sampled[:, 0], sampled, kw["task"], scorer, attempts=1)
     auc = _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])[0]
     ds = ds_metrics(rollout_with_hooks(model, q, hooks, **kw)).query("cell == 'all'").set_index("metric").value
     return {"within_auc": float(auc.mean()), **{m: float(ds[m]) for m in SHOWN if m != "within_auc"}}

@@ -203,7 +203,7 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
 
     def measure(hooks):
         scorer = lambda t: _hooked(model, hooks, lambda: decision_scores(model, t))
-        v = score_candidates(qd, sampled[:, 0], sampled, task, scorer)
+        v = score_candidates(qd, sampled[:, 0], sampled, task, scorer, attempts=1)
         auc, gap = _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])
         greedy = rollout_with_hooks(model, qs, hooks, temperature=0.0, **kw).correct[:, 0].numpy().astype(float)
         sample = rollout_with_hooks(model, qs, hooks, temperature=temperature, **kw).correct[:, 0].numpy().astype(float)

@@ -315,10 +315,10 @@ Scorer = Callable[[Int[Tensor, "n pos"]], tuple[Float[Tensor, " n"], Float[Tenso
 
 
 def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: Int[Tensor, "n samples"],
-                     task: TaskConfig, scorer: Scorer) -> VerificationData:
+                     task: TaskConfig, scorer: Scorer, attempts: int | None = None) -> VerificationData:
     """Teacher-forced decision scores (``scorer``: tokens -> ACCEPT-REJECT logit and P(ACCEPT) after
     the last token) for the truth and the given candidates (-1 = malformed) of each question, at the
-    first attempt and at every later attempt index."""
+    first attempt and at every later attempt index (up to ``attempts``; default the task's budget)."""
     n, samples = sampled.shape
     truth = questions.a * questions.b
     wellformed = sampled >= 0
@@ -332,9 +332,11 @@ def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: I
     truth_gap, p_truth = scorer(torch.cat([prompt, answer(truth)], 1))
     wrong_lists = [sampled[i][wrong[i]] for i in range(n)]
     first = [i for i in range(n) if wrong[i].any()]
+    n_attempts = attempts
     attempts = [{"q": np.array(first, dtype=int), "truth": truth_gap[first].numpy(),
                  "wrong": [gap_flat[i][wrong[i]].numpy() for i in first]}]
-    attempts += [_attempt_scores(scorer, task, prompt, truth, wrong_lists, k) for k in range(1, task.budget)]
+    attempts += [_attempt_scores(scorer, task, prompt, truth, wrong_lists, k)
+                 for k in range(1, task.budget if n_attempts is None else n_attempts)]
     cells = np.array([f"{x}x{y}" for x, y in questions.cells])
     greedy_correct = (greedy == truth).numpy()
     return VerificationData(cells=cells, greedy_correct=greedy_correct, sample_correct=correct.numpy(),

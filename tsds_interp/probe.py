@@ -118,7 +118,7 @@ def fit_probe(x: Float[Tensor, "row d"], y: Bool[Tensor, " row"], l2: float = 1e
     with torch.enable_grad():
         opt.step(closure)
     w_in = (w / sd).detach()
-    return w_in, float(b - (w_in * mu).sum())
+    return w_in, float(b.detach() - (w_in * mu).sum())
 
 
 def within_auc(score: Float[Tensor, " row"], question: Int[Tensor, " row"], correct: Bool[Tensor, " row"]

@@ -5,7 +5,8 @@ and RL's circuits transplanted into the SFT model.
         [--from runs/analyses/circuit_dissociation] [--questions 1024] [--samples 8]
         [--out runs/analyses/where_rl_changed]
 
-Reads the circuits and node scores written by ``analyses/circuit_dissociation.py`` (``--from``).
+Reads the circuits and node scores written by ``analyses/circuit_dissociation.py`` (``--from``; a seed
+whose RL model is not there yet is skipped, and a rerun adds it).
 Per seed:
 
 1. Relative weight change ``|W_rl - W_sft| / |W_sft|`` of each head (its slices of W_Q, W_K, W_V,
@@ -23,6 +24,7 @@ Writes ``weight_change.csv``, ``transplant.csv``, ``where_rl_changed.png`` and `
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -90,6 +92,20 @@ def transplant(sft, rl, circuits: dict[str, list[str]], questions: int, samples:
     return df
 
 
+def seed_study(sft, rl, named: dict[str, list[str]], scores: pd.DataFrame, args
+               ) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """Weight change joined with the RL model's scores, its summary row, and the transplant table."""
+    change = weight_change(sft, rl)
+    change = change[change.component.str.fullmatch(r"L\d+(H\d+|\.mlp)")]  # heads and MLPs
+    combined = scores.pivot_table(index="component", columns="function", values="score", aggfunc="mean")
+    change = change.join(combined, on="component")
+    change["circuit"] = change.component.map({c: f for f, cs in named.items() for c in cs}).fillna("neither")
+    row = {**{f"spearman_{f}": change.rel_change.corr(change[f], method="spearman") for f in ("decision", "sampling")},
+           **{f"mean_change_{c}": change[change.circuit == c].rel_change.mean()
+              for c in ("decision", "sampling", "neither")}}
+    return change, row, transplant(sft, rl, named, args.questions, args.samples)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seed-runs", nargs="*", help="run folders holding sft/ and rl/ checkpoints; default: shipped")
@@ -97,36 +113,36 @@ def main(argv=None) -> int:
                    help="output folder of analyses/circuit_dissociation.py (circuits.csv, node_scores.csv)")
     p.add_argument("--questions", type=int, default=1024)
     p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--out", default="runs/analyses/where_rl_changed")
+    p.add_argument("--out", default="runs/analyses/where_rl_changed",
+                   help="output folder; per-seed results are kept in OUT/parts, so a rerun resumes")
     args = p.parse_args(argv)
-    src = Path(args.source)
-    if not (src / "circuits.csv").is_file():
-        raise SystemExit(f"error: no {src}/circuits.csv; run analyses/circuit_dissociation.py first or pass --from")
-    circuits = pd.read_csv(src / "circuits.csv").fillna("")
-    scores = pd.read_csv(src / "node_scores.csv")
+    src = Path(args.source) / "parts"
+    out = Path(args.out)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
     groups = checkpoint_groups(["sft", "rl"], args.seed_runs)
     changes, transplants, corr = [], [], []
     for seed, (sft_ckpt, rl_ckpt) in enumerate(zip(groups["sft"], groups["rl"])):
-        sft, rl = load(sft_ckpt), load(rl_ckpt)
-        row = circuits[(circuits.label == "rl") & (circuits.seed == seed)].iloc[0]
-        named = {"decision": row.decision.split(), "sampling": row.sampling.split()}
-        change = weight_change(sft, rl).assign(seed=seed)
-        change = change[change.component.str.fullmatch(r"L\d+(H\d+|\.mlp)")]  # heads and MLPs
-        combined = (scores[(scores.label == "rl") & (scores.seed == seed)]
-                    .pivot_table(index="component", columns="function", values="score", aggfunc="mean"))
-        change = change.join(combined, on="component")
-        change["circuit"] = change.component.map(
-            {c: f for f, cs in named.items() for c in cs}).fillna("neither")
-        changes.append(change)
-        corr.append(dict(seed=seed, **{f"spearman_{f}": change.rel_change.corr(change[f], method="spearman")
-                                       for f in ("decision", "sampling")},
-                         **{f"mean_change_{c}": change[change.circuit == c].rel_change.mean()
-                            for c in ("decision", "sampling", "neither")}))
-        transplants.append(transplant(sft, rl, named, args.questions, args.samples).assign(seed=seed))
-        print(f"seed {seed}: RL circuits {named}", flush=True)
+        info_file = src / f"rl_s{seed}.json"
+        if not info_file.is_file():
+            print(f"seed {seed}: no {info_file} yet (run analyses/circuit_dissociation.py); skipped", flush=True)
+            continue
+        stem = out / "parts" / f"s{seed}"
+        if not Path(f"{stem}_corr.json").is_file():  # per-seed results are kept: a rerun resumes
+            info = json.loads(info_file.read_text())
+            named = {"decision": info["decision"].split(), "sampling": info["sampling"].split()}
+            scores = pd.read_csv(src / f"rl_s{seed}_scores.csv")
+            change, row, trans = seed_study(load(sft_ckpt), load(rl_ckpt), named, scores, args)
+            change.to_csv(f"{stem}_change.csv", index=False)
+            trans.to_csv(f"{stem}_transplant.csv", index=False)
+            Path(f"{stem}_corr.json").write_text(json.dumps(row))
+            print(f"seed {seed}: RL circuits {named}", flush=True)
+        changes.append(pd.read_csv(f"{stem}_change.csv").assign(seed=seed))
+        transplants.append(pd.read_csv(f"{stem}_transplant.csv", keep_default_na=False, na_values=["nan"])
+                           .assign(seed=seed))
+        corr.append({"seed": seed, **json.loads(Path(f"{stem}_corr.json").read_text())})
+    if not corr:
+        raise SystemExit(f"error: no RL circuits in {src}; run analyses/circuit_dissociation.py first or pass --from")
     change, trans, corr = pd.concat(changes), pd.concat(transplants), pd.DataFrame(corr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     change.to_csv(out / "weight_change.csv", index=False)
     trans.to_csv(out / "transplant.csv", index=False)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -42,7 +42,7 @@ from tsds_interp.edges import draw_graph, prune  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.patch import make_pairs  # noqa: E402
 
-EFFECTS = ("within_auc", "logit_gap", "greedy_accuracy", "sample_accuracy")
+EFFECTS = ("within_auc", "logit_gap", "logit_gap_share", "greedy_accuracy", "sample_accuracy")
 
 
 def study(ckpt: str, args) -> tuple[pd.DataFrame, dict, pd.DataFrame, pd.DataFrame]:
@@ -62,8 +62,20 @@ def study(ckpt: str, args) -> tuple[pd.DataFrame, dict, pd.DataFrame, pd.DataFra
     return scores, info, effects, edges
 
 
+def with_gap_share(effects: pd.DataFrame) -> pd.DataFrame:
+    """Adds ``logit_gap_share``: the change of the logit gap as a share of the model's unablated gap
+    (comparable across seeds whose gaps differ)."""
+    gap = effects[effects.metric == "logit_gap"]
+    base = gap[gap.ablated == "none"].set_index(["label", "seed"]).value
+    scale = base.reindex(pd.MultiIndex.from_frame(gap[["label", "seed"]])).to_numpy()
+    share = gap.assign(metric="logit_gap_share", value=gap.value / scale, delta=gap.delta / scale,
+                       lo=gap.lo / scale, hi=gap.hi / scale)
+    return pd.concat([effects, share], ignore_index=True)
+
+
 def two_by_two(effects: pd.DataFrame) -> pd.DataFrame:
     """Rows: model x ablated set; columns: each effect as mean [95% interval] over seeds."""
+    effects = with_gap_share(effects)
     eff = effects[effects.ablated != "none"].assign(
         ablated=lambda d: d.ablated.str.replace(r" \(control \d+\)", "", regex=True).str.replace(
             r"random (\d+)", r"random \1 (control)", regex=True))
@@ -78,6 +90,7 @@ def two_by_two(effects: pd.DataFrame) -> pd.DataFrame:
 
 def figure(effects: pd.DataFrame, path: Path) -> None:
     eff = effects[effects.ablated.str.startswith(("decision", "sampling"))]
+    eff = with_gap_share(eff)
     fig, axes = plt.subplots(1, len(EFFECTS), figsize=(4 * len(EFFECTS), 3.4))
     for ax, metric in zip(axes, EFFECTS):
         part = eff[eff.metric == metric]

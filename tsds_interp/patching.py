@@ -29,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tsds_interp.metrics import _boot_mean, decision_scores
+from tsds_interp.metrics import _boot_mean, _paired, decision_scores, score_candidates
 from tsds_interp.rollout import CachedStepper, rollout
 from tsds_interp.task import (
     ACCEPT,
@@ -146,19 +146,8 @@ def screen_cells(model, task: TaskConfig, questions_per_cell: int = 128, samples
 
 def _within_gaps(model, q: Questions, sampled: Int[Tensor, "n samples"], task: TaskConfig) -> np.ndarray:
     """Per question with a wrong sample: decision logit gap of the truth minus the mean over its wrong samples."""
-    truth = q.a * q.b
-    wrong = (sampled >= 0) & (sampled != truth[:, None])
-    has = wrong.any(1)
-    if not has.any():
-        return np.zeros(0)
-    prompt = prompt_tokens(q.a, q.b, task)
-    t_gap = decision_scores(model, torch.cat([prompt[has], answer_tokens(truth[has], task)], 1))[0]
-    rows = wrong[has].nonzero()
-    w_gap = decision_scores(model, torch.cat([prompt[has][rows[:, 0]],
-                                              answer_tokens(sampled[has][rows[:, 0], rows[:, 1]], task)], 1))[0]
-    counts = wrong[has].sum(1)
-    w_mean = torch.zeros(len(counts)).index_add_(0, rows[:, 0], w_gap) / counts
-    return (t_gap - w_mean).numpy()
+    v = score_candidates(q, sampled[:, 0], sampled, task, lambda t: decision_scores(model, t), attempts=1)
+    return _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])[1]
 
 
 def parse_cells(cells: str | tuple[str, ...] | list[str], task: TaskConfig) -> tuple[Cell, ...]:

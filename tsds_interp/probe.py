@@ -25,7 +25,6 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -34,6 +33,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tsds_interp.cli import check_sampling_args
 from tsds_interp.metrics import _boot_mean
 from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import own_samples, parse_cells
@@ -194,16 +194,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        for flag, value, low in (("--train-questions", args.train_questions, 16),
-                                 ("--test-questions", args.test_questions, 16), ("--samples", args.samples, 1),
-                                 ("--bootstrap", args.bootstrap, 10)):
-            if value < low:
-                raise ValueError(f"{flag} must be >= {low}, got {value}")
-        if not args.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder")
+        minimums = {"--train-questions": (args.train_questions, 16), "--test-questions": (args.test_questions, 16),
+                    "--samples": (args.samples, 1), "--bootstrap": (args.bootstrap, 10)}
+        out = check_sampling_args(minimums, args.temperature, args.out)
         path = resolve_checkpoint(args.checkpoint)
         model = load(path, device=args.device)
         if args.cells != "all":

@@ -13,10 +13,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 
+from tsds_interp.cli import check_sampling_args
 from tsds_interp.metrics import verification_metrics
 from tsds_interp.model import CheckpointError, load, resolve_checkpoint, run_versions
 from tsds_interp.plotting import verification_plot
@@ -45,15 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        for flag, value, low in (("--questions", args.questions, 1), ("--samples", args.samples, 1),
-                                 ("--bootstrap", args.bootstrap, 10)):
-            if value < low:
-                raise ValueError(f"{flag} must be >= {low}, got {value}")
-        if not args.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; give a folder")
+        out = check_sampling_args({"--questions": (args.questions, 1), "--samples": (args.samples, 1),
+                                   "--bootstrap": (args.bootstrap, 10)},
+                                  args.temperature, args.out)
         path = resolve_checkpoint(args.checkpoint)
         model = load(path, device=args.device)
         cells = tuple(c.strip() for c in args.cells.split(",")) if args.cells else None

@@ -1,19 +1,112 @@
-"""Argument checks shared by the command-line tools: one-line ``ValueError`` messages naming the flag."""
+"""What every command-line tool shares: a parser whose errors are one line, flag types that check
+ranges while parsing (before any model loads), and :func:`run`, which turns a bad input into one
+``error:`` line and exit code 2 and Ctrl-C into one line and exit code 130, printed by one process
+of a ``torchrun`` job only."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from tsds_interp import checks
 
-def check_sampling_args(minimums: dict[str, tuple[float, float]], temperature: float, out: str) -> Path:
-    """Each ``{flag: (value, lowest)}`` at least its lowest, ``temperature`` > 0, ``out`` not a file;
-    returns ``out`` as a path."""
-    for flag, (value, low) in minimums.items():
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value}")
-    if not temperature > 0:
-        raise ValueError(f"--temperature must be > 0, got {temperature}")
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file; give a folder")
-    return path
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` with defaults shown in ``--help`` and errors on one line."""
+
+    def __init__(self, prog: str, description: str):
+        super().__init__(prog=prog, description=description,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def error(self, message: str):
+        say(f"{self.prog}: error: {message} (see --help)")
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(line: str) -> None:
+    """Print ``line`` to stderr from the first process only."""
+    if is_main_process():
+        print(line, file=sys.stderr)
+
+
+def _flag_type(check: Callable, convert: type):
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "an integer" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        try:
+            return check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)[str(e).index("must"):]) from None
+    parse.__name__ = convert.__name__  # argparse names the type in its messages
+    return parse
+
+
+def integer(lo: int | None = None, hi: int | None = None):
+    """Flag type: an integer in ``[lo, hi]``."""
+    return _flag_type(lambda v: checks.number("value", v, lo=lo, hi=hi, integer=True), int)
+
+
+def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    """Flag type: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``)."""
+    return _flag_type(lambda v: checks.number("value", v, lo=lo, hi=hi, lo_open=lo_open), float)
+
+
+SEED = integer(0, checks.MAX_SEED)
+
+
+def device(name: str) -> str:
+    """Flag type: a device this machine has."""
+    try:
+        checks.device(name, "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+    return name
+
+
+def out_dir(text: str) -> Path:
+    """Flag type: a folder that can be written (nothing is created while parsing)."""
+    try:
+        return checks.out_dir(text, "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+
+def out_file(text: str) -> Path:
+    """Flag type: a file whose folder can be written."""
+    try:
+        return checks.out_file(text, "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).strip()) from None
+
+
+def run(body: Callable[[], int | None]) -> int:
+    """Call ``body``; a ``ValueError`` (checkpoint errors included), ``OSError`` or
+    ``FloatingPointError`` becomes ``error: ...`` and exit code 2, Ctrl-C exit code 130."""
+    try:
+        return body() or 0
+    except KeyboardInterrupt:
+        say("interrupted; nothing more was written")
+        return EXIT_INTERRUPTED
+    except (ValueError, FloatingPointError) as e:
+        say(f"error: {_one_line(e)}")
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        say(f"error: {e.strerror or e}{where}")
+        return EXIT_BAD_INPUT
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,10 +21,15 @@ from safetensors.torch import load_file, save_file
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
 
+from tsds_interp import checks
 from tsds_interp.task import VOCAB, TaskConfig
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+SIZE_LIMITS = {"n_layers": 256, "d_model": 65536, "n_heads": 1024, "d_mlp": 262144}
+ACT_FNS = ("gelu", "gelu_new", "relu", "silu")
+CHECKPOINT_FILES = {"config.json", "model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                    "train_state.json"}
 
 
 class CheckpointError(ValueError):
@@ -46,13 +51,22 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.task, dict):
             object.__setattr__(self, "task", TaskConfig.from_dict(self.task))
-        for name in ("n_layers", "d_model", "n_heads", "d_mlp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.task, TaskConfig):
+            raise ValueError(f"task must be a TaskConfig or a mapping of its settings, got {self.task!r}")
+        for name, hi in SIZE_LIMITS.items():
+            checks.number(name, getattr(self, name), lo=1, hi=hi, integer=True)
+        checks.seed(self.seed)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.act_fn not in ("gelu", "gelu_new", "relu", "silu"):
-            raise ValueError(f"act_fn must be gelu, gelu_new, relu or silu, got {self.act_fn!r}")
+        if self.act_fn not in ACT_FNS:
+            raise ValueError(f"act_fn must be one of {', '.join(ACT_FNS)}, got {self.act_fn!r}")
+
+    @property
+    def n_params(self) -> int:
+        """Parameters of the model this config builds."""
+        d, v = self.d_model, len(VOCAB)
+        block = 4 * d * d + 4 * d + 2 * d * self.d_mlp + self.d_mlp + d + 4 * d
+        return self.n_layers * block + 2 * v * d + v + self.n_ctx * d + 2 * d
 
     @property
     def d_head(self) -> int:
@@ -67,11 +81,29 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a model config is a mapping of its settings, got {d!r}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown model settings {unknown}")
         return cls(**d)
+
+
+def check_fits_in_memory(cfg: ModelConfig) -> None:
+    """``ValueError`` when the weights alone would not fit in this machine's memory."""
+    need = cfg.n_params * 4
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > have:
+        raise ValueError(f"a model with these sizes has {cfg.n_params:,} parameters ({need / 2**30:.1f} GiB), "
+                         f"more than this machine's memory ({have / 2**30:.1f} GiB); use smaller sizes")
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> TransformerBridge:
     """A freshly initialised hooked transformer; ``cfg.seed`` fixes the weights."""
+    check_fits_in_memory(cfg)
     tl_cfg = TransformerBridgeConfig(
         d_model=cfg.d_model, d_head=cfg.d_head, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
         n_ctx=cfg.n_ctx, d_vocab=len(VOCAB), d_mlp=cfg.d_mlp, act_fn=cfg.act_fn,
@@ -112,8 +144,11 @@ def config_of(model) -> ModelConfig:
 
 
 def save(model, path: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``model`` to the folder ``path`` atomically (replacing an existing checkpoint)."""
+    """Write ``model`` to the folder ``path`` atomically. ``path`` must be new, empty or a
+    checkpoint (which is replaced); any other folder or a file is refused, so nothing of the
+    user's is deleted. Non-finite weights are refused."""
     path = Path(path)
+    check_save_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -125,7 +160,30 @@ def save(model, path: str | os.PathLike, extra: dict | None = None) -> Path:
     return path
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A folder holding a model and config and nothing but checkpoint files."""
+    names = {p.name for p in path.iterdir()}
+    return {"config.json", "model.safetensors"} <= names <= CHECKPOINT_FILES
+
+
+def check_save_target(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; save the checkpoint to a folder")
+    if path.is_dir() and any(path.iterdir()) and not is_checkpoint(path):
+        raise ValueError(f"{path} holds files that are not a tsds_interp checkpoint; save into a new or "
+                         "empty folder, or over a checkpoint")
+    checks.out_dir(path, "checkpoint folder")
+
+
+def check_finite(model) -> None:
+    """``FloatingPointError`` naming the first weight that holds NaN or infinity."""
+    for k, v in model.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise FloatingPointError(f"weight {k} is not finite; the model is not saved")
+
+
 def write_checkpoint_files(model, folder: Path, extra: dict | None = None) -> None:
+    check_finite(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
     meta = {"format_version": FORMAT_VERSION, "model": config_of(model).to_dict(),
@@ -133,16 +191,44 @@ def write_checkpoint_files(model, folder: Path, extra: dict | None = None) -> No
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
 
 
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and its files the modes the user's umask gives new files (``mkdtemp`` and
+    safetensors create them private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
+def _old(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.old")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing ``dst`` with as short a window as a rename allows."""
+    """Move ``src`` to ``dst``, replacing ``dst`` with as short a window as a rename allows; a crash
+    between the two renames leaves ``dst``'s previous version in ``.NAME.old``, which
+    :func:`recover_dir` puts back."""
+    apply_umask(src)
+    recover_dir(dst)
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
+        old = _old(dst)
         shutil.rmtree(old, ignore_errors=True)
         dst.rename(old)
     src.rename(dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(dst: Path) -> bool:
+    """Put back ``dst`` from ``.NAME.old`` when a replace was interrupted between its renames."""
+    old = _old(dst)
+    if not dst.exists() and old.is_dir():
+        old.rename(dst)
+        return True
+    return False
 
 
 def shipped_names() -> list[str]:
@@ -154,6 +240,8 @@ def shipped_names() -> list[str]:
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A checkpoint folder from a path or the name of a shipped checkpoint."""
     path = Path(name_or_path)
+    recover_dir(path)
+    recover_dir(path / "checkpoint")
     if path.is_dir():
         # A training stage folder holds its model in checkpoint/.
         if not (path / "config.json").exists() and (path / "checkpoint" / "config.json").is_file():
@@ -172,25 +260,39 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{path} has no config.json; it is not a tsds_interp checkpoint "
                               "(write one with tsds_interp.model.save)")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON ({e.msg}); re-save the checkpoint") from None
-    if not isinstance(meta, dict) or "model" not in meta:
+        meta = checks.read_json(cfg_file, "checkpoint config")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if "model" not in meta:
         raise CheckpointError(f"{cfg_file} has no 'model' section; re-save the checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file} has format version {meta.get('format_version')!r}; this version "
+                              f"of tsds_interp reads version {FORMAT_VERSION}: re-save it with this version")
     if meta.get("vocab") != list(VOCAB):
         raise CheckpointError(f"{cfg_file} was written with another vocabulary "
                               f"({meta.get('vocab')}); this version uses {list(VOCAB)}: retrain it")
     return meta
 
 
-def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> TransformerBridge:
-    """Load a checkpoint folder (or a shipped checkpoint by name) as a hooked model in eval mode."""
+def checkpoint_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """The checked :class:`ModelConfig` of a checkpoint, without reading its weights."""
     path = resolve_checkpoint(name_or_path)
-    meta = read_config(path)
     try:
-        cfg = ModelConfig.from_dict(meta["model"])
+        cfg = ModelConfig.from_dict(read_config(path)["model"])
+        check_fits_in_memory(cfg)
     except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"{path / 'config.json'} has a bad model config ({e}); re-save it") from None
+    return cfg
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> TransformerBridge:
+    """Load a checkpoint folder (or a shipped checkpoint by name) as a hooked model in eval mode.
+    Checked: format version, config types and sizes, tensor names, shapes, dtype (float32) and
+    finiteness."""
+    path = resolve_checkpoint(name_or_path)
+    cfg = checkpoint_config(path)
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path} has no model.safetensors; re-save the checkpoint")
@@ -209,6 +311,11 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") ->
         if v.shape != state[k].shape:
             raise CheckpointError(f"{weights}: {k} has shape {tuple(state[k].shape)} but the config "
                                   f"needs {tuple(v.shape)}; re-save the checkpoint")
+        if state[k].dtype != torch.float32:
+            raise CheckpointError(f"{weights}: {k} is {state[k].dtype}, not torch.float32; re-save the "
+                                  "checkpoint from a float32 model")
+        if not torch.isfinite(state[k]).all():
+            raise CheckpointError(f"{weights}: {k} holds NaN or infinite values; use an earlier checkpoint")
     model.load_state_dict(state)
     model.eval()
     return model

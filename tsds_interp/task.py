@@ -18,13 +18,15 @@ end, pad) is fixed by the format: :func:`token_roles` is the one function that s
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import numpy as np
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
+
+from tsds_interp import checks
 
 DIGITS = [str(i) for i in range(10)]
 VOCAB: tuple[str, ...] = (*DIGITS, "*", "=", "<bos>", "<eos>", "<pad>", "<accept>", "<reject>")
@@ -38,6 +40,8 @@ PROMPT, SAMPLE, DECISION, END, PADDING = 0, 1, 2, 3, 4
 ROLE_NAMES = ("prompt", "sample", "decision", "end", "pad")
 
 Cell = tuple[int, int]
+MAX_WIDTH = 9  # the product of two 10-digit numbers overflows 64-bit integers
+MAX_BUDGET = 64
 
 
 def _default_train_cells() -> tuple[Cell, ...]:
@@ -61,16 +65,13 @@ class TaskConfig:
     test_fraction: float = 0.1
 
     def __post_init__(self):
-        object.__setattr__(self, "train_cells", tuple(tuple(c) for c in self.train_cells))
-        object.__setattr__(self, "ood_cells", tuple(tuple(c) for c in self.ood_cells))
-        if self.width < 1:
-            raise ValueError(f"width must be >= 1, got {self.width}")
-        if self.budget < 1:
-            raise ValueError(f"budget must be >= 1 attempt, got {self.budget}")
+        checks.number("width", self.width, lo=1, hi=MAX_WIDTH, integer=True)
+        checks.number("budget", self.budget, lo=1, hi=MAX_BUDGET, integer=True)
+        checks.number("test_fraction", self.test_fraction, lo=0, hi=0.99, lo_open=True)
+        object.__setattr__(self, "train_cells", _cells("train_cells", self.train_cells))
+        object.__setattr__(self, "ood_cells", _cells("ood_cells", self.ood_cells))
         if self.answer_order not in ("reversed", "forward"):
             raise ValueError(f"answer_order must be 'reversed' or 'forward', got {self.answer_order!r}")
-        if not 0 < self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         for da, db in (*self.train_cells, *self.ood_cells):
             if not (1 <= da <= self.width and 1 <= db <= self.width):
                 raise ValueError(f"cell ({da}, {db}) needs operands of at most width={self.width} digits")
@@ -100,7 +101,22 @@ class TaskConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TaskConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a task config is a mapping of its settings, got {d!r}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown task settings {unknown}")
         return cls(**d)
+
+
+def _cells(name: str, cells) -> tuple[Cell, ...]:
+    try:
+        out = tuple(tuple(c) for c in cells)
+    except TypeError:
+        out = ((),)
+    if not all(len(c) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in c) for c in out):
+        raise ValueError(f"{name} must be (digits_a, digits_b) pairs of integers, got {cells!r}")
+    return out
 
 
 # ---------------------------------------------------------------- encode / decode
@@ -127,7 +143,24 @@ def _digits(n: Int[Tensor, " n"], width: int) -> Int[Tensor, "n width"]:
     return (n[:, None] // powers) % 10
 
 
+def check_operands(a: Tensor, b: Tensor, task: TaskConfig) -> None:
+    """``ValueError`` unless ``a`` and ``b`` are integer tensors of equal length whose values fit
+    the task's ``width`` digits."""
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+            raise ValueError(f"operands {name} must be an integer tensor, got "
+                             f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+        if x.ndim != 1:
+            raise ValueError(f"operands {name} must be one-dimensional, got shape {tuple(x.shape)}")
+        if len(x) and (x.min() < 0 or x.max() >= 10**task.width):
+            raise ValueError(f"operands {name} must be in [0, {10**task.width - 1}] (width {task.width} digits), "
+                             f"got values in [{int(x.min())}, {int(x.max())}]")
+    if a.shape != b.shape:
+        raise ValueError(f"operands a and b differ in length: {len(a)} and {len(b)}")
+
+
 def prompt_tokens(a: Int[Tensor, " n"], b: Int[Tensor, " n"], task: TaskConfig) -> Int[Tensor, "n p"]:
+    check_operands(a, b, task)
     n = a.shape[0]
     col = lambda tok: torch.full((n, 1), tok, dtype=torch.long)
     return torch.cat([col(BOS), _digits(a, task.width), col(MUL), _digits(b, task.width), col(EQ)], 1)

@@ -26,10 +26,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from tsds_interp import checks, cli
 from tsds_interp.data import reflective_sft_data, solution_batch, verification_data
 from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import (
@@ -37,9 +39,12 @@ from tsds_interp.model import (
     ModelConfig,
     autocast,
     build_model,
+    checkpoint_config,
     config_of,
     grow,
     load,
+    read_config,
+    recover_dir,
     replace_dir,
     run_versions,
     write_checkpoint_files,
@@ -119,43 +124,59 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "eval_questions",
-                     "questions_per_step", "group", "ppo_epochs", "sft_questions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
-        if self.autocast not in ("none", "bf16"):
-            raise ValueError(f"autocast must be none or bf16, got {self.autocast!r}")
-        if self.sft_mix not in ("fixed", "natural"):
-            raise ValueError(f"sft_mix must be fixed or natural, got {self.sft_mix!r}")
-        if self.rejected_samples not in ("train", "skip"):
-            raise ValueError(f"rejected_samples must be train or skip, got {self.rejected_samples!r}")
-        if self.add_layers < 0:
-            raise ValueError(f"add_layers must be >= 0, got {self.add_layers}")
-        if self.verify_questions < 0:
-            raise ValueError(f"verify_questions must be >= 0, got {self.verify_questions}")
-        if not self.sft_temperature > 0:
-            raise ValueError(f"sft_temperature must be > 0, got {self.sft_temperature}")
-        if self.advantage not in ("grpo", "reinforce"):
-            raise ValueError(f"advantage must be grpo or reinforce, got {self.advantage!r}")
-        self.task()  # validates cells
+        for name, (lo, hi) in INT_RANGES.items():
+            lo = 2 if name == "group" and self.advantage == "grpo" and self.stage == "rl" else lo
+            checks.number(_setting(name), getattr(self, name), lo=lo, hi=hi, integer=True)
+        for name, (lo, hi, lo_open) in REAL_RANGES.items():
+            checks.number(_setting(name), getattr(self, name), lo=lo, hi=hi, lo_open=lo_open)
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_setting(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        checks.device(self.device, _setting("device"))
+        self.model_config()  # validates the model sizes and the task settings
 
     def task(self) -> TaskConfig:
-        parse = lambda s: tuple(tuple(int(x) for x in c.split("x")) for c in s.split(",") if c)
         try:
-            return TaskConfig(width=self.width, budget=self.budget, train_cells=parse(self.train_cells),
-                              ood_cells=parse(self.ood_cells))
+            cells = {k: tuple(tuple(int(x) for x in c.split("x")) for c in getattr(self, k).split(",") if c)
+                     for k in ("train_cells", "ood_cells")}
+        except (ValueError, AttributeError):
+            raise ValueError(f"--train-cells and --ood-cells are comma-separated AxB cells such as 1x2,2x1; "
+                             f"got {self.train_cells!r} and {self.ood_cells!r}") from None
+        try:
+            return TaskConfig(width=self.width, budget=self.budget, **cells)
         except (ValueError, TypeError) as e:
             raise ValueError(f"bad task settings: {e}") from None
 
     def model_config(self) -> ModelConfig:
-        return ModelConfig(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
-                           d_mlp=self.d_mlp, seed=self.seed, task=self.task())
+        task = self.task()
+        try:
+            return ModelConfig(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+                               d_mlp=self.d_mlp, seed=self.seed, task=task)
+        except ValueError as e:
+            raise ValueError(f"bad model settings: {e}") from None
+
+
+def _setting(name: str) -> str:
+    """How the CLI spells a setting, with its library name: ``grad_clip (--grad-clip)``."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+# Accepted values of every setting (the model sizes and task are checked by ModelConfig/TaskConfig).
+INT_RANGES = {"steps": (1, 10**8), "batch_size": (1, 2**20), "warmup": (0, 10**8), "seed": (0, checks.MAX_SEED),
+              "log_every": (1, 10**8), "eval_every": (1, 10**8), "ckpt_every": (1, 10**8),
+              "eval_questions": (1, 10**6), "sft_questions": (1, 10**8), "verify_questions": (0, 10**8),
+              "add_layers": (0, 256), "questions_per_step": (1, 2**20), "group": (1, 2**12),
+              "ppo_epochs": (1, 100)}
+REAL_RANGES = {"lr": (0, 10, True), "weight_decay": (0, 10, False), "grad_clip": (0, 1e6, True),
+               "eval_temperature": (0, 100, False), "first_right_fraction": (0, 1, False),
+               "sft_temperature": (0, 100, True), "decision_share": (0, 1, False), "clip_eps": (0, 10, True),
+               "beta": (0, 1e3, False), "discount": (0, 1, True), "temperature": (0, 100, True)}
+CHOICES = {"weighting": WEIGHTINGS, "kl_estimator": ("k1", "k3"), "autocast": ("none", "bf16"),
+           "sft_mix": ("fixed", "natural"), "rejected_samples": ("train", "skip"),
+           "advantage": ("grpo", "reinforce")}
+# Settings a resumed run may change; any other difference would not continue the same run.
+RESUME_MAY_CHANGE = ("steps", "log_every", "eval_every", "ckpt_every", "eval_questions", "eval_temperature",
+                     "device")
 
 
 _TINY_MODEL = dict(n_layers=2, d_model=64, n_heads=4, d_mlp=128, width=2, budget=2,
@@ -315,6 +336,10 @@ class Trainer:
         self.task = config_of(self.model).task
         self.ref = load(ref or init, device=cfg.device) if cfg.stage == "rl" else None
         if self.ref is not None:
+            if config_of(self.ref).task != self.task:
+                raise ValueError(f"the KL reference {ref or init} was trained on another task "
+                                 f"({config_of(self.ref).task}) than the model ({self.task}); pass a --ref "
+                                 "of the same task")
             self.ref.requires_grad_(False)
         if cfg.stage == "rl":
             self.dist.shard(cfg.questions_per_step, "--questions-per-step")
@@ -348,32 +373,66 @@ class Trainer:
             (tmp / "train_state.json").write_text(json.dumps(
                 {"step": self.step, "scheduler_last_epoch": self.sched.last_epoch}))
             replace_dir(tmp, self.ckpt)
+        except FloatingPointError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the last checkpoint in {self.ckpt} is kept" if self.ckpt.exists() else "no checkpoint was written"
+            raise FloatingPointError(f"at step {self.step} {e}: {kept}; lower --lr or --grad-clip and "
+                                     "resume from it") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def resume(self) -> None:
+        recover_dir(self.ckpt)
         if not (self.ckpt / "train_state.json").is_file():
             raise CheckpointError(f"nothing to resume in {self.out}: no checkpoint/train_state.json "
                                   "(run without --resume to start)")
-        saved = json.loads((self.ckpt / "config.json").read_text()).get("train", {})
+        saved = read_config(self.ckpt).get("train", {})
         if saved.get("stage") != self.cfg.stage:
             raise CheckpointError(f"{self.ckpt} is a {saved.get('stage')!r} checkpoint, not "
                                   f"{self.cfg.stage!r}; resume with the stage that wrote it")
+        now = dataclasses.asdict(self.cfg)
+        changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+        if changed:
+            k = changed[0]
+            raise CheckpointError(f"--{k.replace('_', '-')} is {now[k]!r} but {self.ckpt} was trained with "
+                                  f"{saved[k]!r}; resume with the settings that wrote it (only "
+                                  f"{', '.join('--' + c.replace('_', '-') for c in RESUME_MAY_CHANGE)} may change)")
         model = load(self.ckpt, device=self.cfg.device)
         self.model.load_state_dict(model.state_dict())
-        _load_optimizer_tensors(self.opt, load_file(str(self.ckpt / "optimizer.safetensors")))
-        state = json.loads((self.ckpt / "train_state.json").read_text())
-        self.step = state["step"]
-        self.sched.last_epoch = state["scheduler_last_epoch"]
+        try:
+            _load_optimizer_tensors(self.opt, load_file(str(self.ckpt / "optimizer.safetensors")))
+            rng = load_file(str(self.ckpt / "rng.safetensors"))["torch_rng"]
+            state = checks.read_json(self.ckpt / "train_state.json", "training state")
+            step, last_epoch = int(state["step"]), int(state["scheduler_last_epoch"])
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{self.ckpt} has a damaged optimizer, random or training state "
+                                  f"({_first_line(e)}); start again without --resume in a new --out") from None
+        self.step = step
+        self.sched.last_epoch = last_epoch
         for group, base_lr, f in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
             group["lr"] = base_lr * f(self.sched.last_epoch)
         self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
-        torch.set_rng_state(load_file(str(self.ckpt / "rng.safetensors"))["torch_rng"])
+        torch.set_rng_state(rng)
+        if self.dist.main:
+            self._trim_log()
+
+    def _trim_log(self) -> None:
+        """Keep the log rows up to the checkpoint's step; a torn (half-written) row is dropped."""
         log = self.out / "log.jsonl"
-        if log.is_file() and self.dist.main:  # drop rows logged after the checkpoint
-            rows = [r for r in log.read_text().splitlines() if json.loads(r)["step"] <= self.step]
-            log.write_text("".join(r + "\n" for r in rows))
+        if not log.is_file():
+            return
+        rows = []
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
+                rows.append(line)
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.replace(log)
 
     # -- one step
     def _batch_tokens(self) -> torch.Tensor:
@@ -479,11 +538,9 @@ class Trainer:
     def run(self, resume: bool = False, stop_after: int | None = None) -> Path:
         """Train to ``cfg.steps`` (or stop after ``stop_after`` steps, as an interrupt would)."""
         cfg = self.cfg
+        check_stage_folder(self.out, resume)
         if resume:
             self.resume()
-        elif self.ckpt.exists():
-            raise CheckpointError(f"{self.out} already holds a checkpoint; pass --resume to continue "
-                                  "it or choose another --out")
         main = self.dist.main
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.stage == "sft":
@@ -531,7 +588,10 @@ class Trainer:
     def _load_or_build_sft_data(self) -> torch.Tensor:
         path = self.out / "sft_data.safetensors"
         if path.is_file():
-            return load_file(str(path))["tokens"]
+            try:
+                return load_file(str(path))["tokens"]
+            except (SafetensorError, OSError, KeyError) as e:
+                raise CheckpointError(f"{path} is damaged ({_first_line(e)}); delete it and it is rebuilt") from None
         cfg = self.cfg
         data = reflective_sft_data(self.model, self.task, cfg.sft_questions, seed=cfg.seed,
                                    first_right_fraction=cfg.first_right_fraction, mix=cfg.sft_mix,
@@ -547,6 +607,10 @@ class Trainer:
         save_file({"tokens": data}, str(tmp))
         tmp.rename(path)
         return data
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _mean_counted(x: torch.Tensor, roles: torch.Tensor, total=lambda t: t) -> float:
@@ -566,9 +630,10 @@ def pipeline(preset: str, out, quiet: bool = False, resume: bool = False, **over
     """pretrain -> reflective SFT -> RL, in ``out/base``, ``out/sft``, ``out/rl``."""
     out = Path(out)
     paths = {}
+    configs = {stage: preset_config(preset, stage, **overrides) for stage in STAGES}  # all checked first
     for stage, name, init, ref in (("pretrain", "base", None, None), ("sft", "sft", "base", None),
                                    ("rl", "rl", "sft", "sft")):
-        cfg = preset_config(preset, stage, **overrides)
+        cfg = configs[stage]
         folder = out / name
         done = (folder / "metrics.csv").is_file()
         if not done:
@@ -584,11 +649,10 @@ def pipeline(preset: str, out, quiet: bool = False, resume: bool = False, **over
 # ---------------------------------------------------------------- CLI
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tsds_interp.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser("python -m tsds_interp.train", __doc__.split("\n\n")[0])
     p.add_argument("stage", choices=(*STAGES, "pipeline"))
     p.add_argument("--preset", default="small", choices=list(PRESETS))
-    p.add_argument("--out", required=True, help="stage folder (pipeline: parent of base/sft/rl)")
+    p.add_argument("--out", required=True, type=cli.out_dir, help="stage folder (pipeline: parent of base/sft/rl)")
     p.add_argument("--init", help="checkpoint to start sft/rl from (folder or shipped name)")
     p.add_argument("--ref", help="reference model for the RL KL penalty (default: --init)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -601,29 +665,57 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def check_stage_folder(out: Path, resume: bool) -> None:
+    """A new stage needs a folder without a checkpoint; ``--resume`` needs one."""
+    ckpt = Path(out) / "checkpoint"
+    recover_dir(ckpt)
+    if resume and not (ckpt / "train_state.json").is_file():
+        raise CheckpointError(f"nothing to resume in {out}: no checkpoint/train_state.json "
+                              "(run without --resume to start)")
+    if not resume and ckpt.exists():
+        raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or "
+                              "choose another --out")
+
+
+def _train(args) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "stage" and getattr(args, f.name) is not None}
+    if args.stage == "pipeline":
+        for stage in STAGES:
+            preset_config(args.preset, stage, **overrides)
+    else:
+        cfg = preset_config(args.preset, args.stage, **overrides)
+        if cfg.stage != "pretrain" and args.init is None:
+            raise ValueError(f"the {cfg.stage} stage starts from a model: pass --init CHECKPOINT")
+        for flag, name in (("--init", args.init), ("--ref", args.ref)):
+            if name is not None:
+                try:
+                    checkpoint_config(name)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{flag}: {e}") from None
+        check_stage_folder(args.out, args.resume)
     try:
         if args.stage == "pipeline":
             paths = pipeline(args.preset, args.out, quiet=args.quiet, resume=args.resume, **overrides)
-            print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+            text = "\n".join(f"{k}: {v}" for k, v in paths.items())
         else:
-            cfg = preset_config(args.preset, args.stage, **overrides)
-            ckpt = train_stage(cfg, args.out, init=args.init, ref=args.ref, resume=args.resume,
-                               quiet=args.quiet)
-            print(f"checkpoint: {ckpt}")
+            ckpt = train_stage(cfg, args.out, init=args.init, ref=args.ref, resume=args.resume, quiet=args.quiet)
+            text = f"checkpoint: {ckpt}"
     except Interrupted as e:
-        print(e, file=sys.stderr)
-        return 130
-    except (ValueError, FloatingPointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cli.say(str(e))
+        return cli.EXIT_INTERRUPTED
+    if cli.is_main_process():
+        print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return cli.run(lambda: _train(args))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

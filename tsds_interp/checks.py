@@ -1,0 +1,122 @@
+"""Value rules shared by the library and the command-line tools.
+
+Every rule raises ``ValueError`` with one line that names the setting, the accepted range and the
+value given; the CLIs use the same functions (through :mod:`tsds_interp.cli`), so a flag and the
+library argument it feeds fail with the same words.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+MAX_SEED = 2**32 - 1
+
+
+def number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           integer: bool = False):
+    """``value`` if it is a finite number (an integer when ``integer``) within ``[lo, hi]``
+    (``(lo, hi]`` when ``lo_open``); else ``ValueError`` naming ``name``."""
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an integer{_bounds(lo, hi, lo_open)}, got {value!r}")
+    if not integer and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"{name} must be a number{_bounds(lo, hi, lo_open)}, got {value!r}")
+    bad = not math.isfinite(value)
+    bad = bad or (lo is not None and (value <= lo if lo_open else value < lo))
+    bad = bad or (hi is not None and value > hi)
+    if bad:
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {kind}{_bounds(lo, hi, lo_open)}, got {value!r}")
+    return value
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _bounds(lo, hi, lo_open) -> str:
+    left = None if lo is None else f"{'>' if lo_open else '>='} {_fmt(lo)}"
+    right = None if hi is None else f"<= {_fmt(hi)}"
+    if left and right:
+        return f" {'in (' if lo_open else 'in ['}{_fmt(lo)}, {_fmt(hi)}]"
+    return f" {left or right}" if (left or right) else ""
+
+
+def seed(value, name: str = "seed") -> int:
+    return number(name, value, lo=0, hi=MAX_SEED, integer=True)
+
+
+def device(name: str, flag: str = "device") -> torch.device:
+    """A device this machine has: ``cpu``, ``cuda``/``cuda:N`` with CUDA, ``mps`` on Apple silicon."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{flag} {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {name!r}: CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{flag} {name!r}: MPS is not available on this machine; use cpu")
+        return dev
+    raise ValueError(f"{flag} {name!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def out_dir(path: str | os.PathLike, flag: str = "out") -> Path:
+    """A folder that is, or can be created as, a writable folder (nothing is created here)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ValueError(f"{flag} {path}: {base} is a file, so the folder cannot be created; give another folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {base} is not writable; give a folder you can write to")
+    return path
+
+
+def out_file(path: str | os.PathLike, flag: str = "out") -> Path:
+    """A file path whose folder is, or can be created as, writable; it must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name")
+    out_dir(path.parent, flag)
+    return path
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; ``ValueError`` naming the file when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; it is not a {what} written by tsds_interp") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror})") from None
+
+
+def read_json(path: Path, what: str = "file", kind: type = dict):
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is damaged."""
+    import json
+
+    try:
+        value = json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); restore or delete it") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a {kind.__name__}; restore or delete it")
+    return value

@@ -15,17 +15,16 @@ least ``threshold`` with a 95% interval excluding 0; *decision* if it so moves p
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from tsds_interp import checks, cli
 from tsds_interp.metrics import Z95, ds_metrics
-from tsds_interp.model import CheckpointError, autocast, config_of, load, resolve_checkpoint
+from tsds_interp.model import autocast, checkpoint_config, config_of, load, resolve_checkpoint
 from tsds_interp.patching import check_hook_names
 from tsds_interp.plotting import heatmap
 from tsds_interp.rollout import rollout
@@ -85,12 +84,20 @@ def _diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
     return d, d - Z95 * se, d + Z95 * se
 
 
+MAX_QUESTIONS = 10**6
+
+
 def ablation_sweep(model, n_questions: int = 256, mode: str = "zero", seed: int = 0,
                    temperature: float = 1.0, threshold: float = 0.05, quiet: bool = False,
                    max_batch: int = 2048) -> pd.DataFrame:
     """One row per (component, metric): baseline, ablated, delta with 95% CI, and the label."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    checks.number("questions", n_questions, lo=1, hi=MAX_QUESTIONS, integer=True)
+    checks.seed(seed)
+    checks.number("temperature", temperature, lo=0, hi=100)
+    checks.number("threshold", threshold, lo=0, hi=1)
+    checks.number("max_batch", max_batch, lo=1, hi=2**20, integer=True)
     task = config_of(model).task
     q = sample_questions(task, "test", n_questions, seed=seed + 5)
     kw = dict(task=task, temperature=temperature, seed=seed, batch_size=max_batch)
@@ -126,31 +133,30 @@ def label_components(df: pd.DataFrame, threshold: float = 0.05) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tsds_interp.ablation", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _parser() -> cli.Parser:
+    p = cli.Parser("python -m tsds_interp.ablation", __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="rl", help="checkpoint folder or shipped name")
     p.add_argument("--mode", default="zero", choices=MODES)
-    p.add_argument("--questions", type=int, default=256)
-    p.add_argument("--threshold", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/ablation")
-    p.add_argument("--max-batch", type=int, default=2048, help="episodes decoded at once (memory bound)")
+    p.add_argument("--questions", type=cli.integer(1, MAX_QUESTIONS), default=256)
+    p.add_argument("--threshold", type=cli.real(0, 1), default=0.05,
+                   help="smallest |change| of a metric that labels a component")
+    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--device", type=cli.device, default="cpu")
+    p.add_argument("--out", type=cli.out_dir, default="runs/ablation")
+    p.add_argument("--max-batch", type=cli.integer(1, 2**20), default=2048,
+                   help="episodes decoded at once (memory bound)")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bfloat16 autocast")
     p.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    try:
-        if args.questions < 1 or args.max_batch < 1:
-            raise ValueError(f"--questions and --max-batch must be >= 1, got {args.questions}, {args.max_batch}")
-        model = load(resolve_checkpoint(args.checkpoint), device=args.device)
-        with autocast(args.device, args.autocast):
-            df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
-                                quiet=args.quiet, max_batch=args.max_batch)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    return p
+
+
+def _ablate(args) -> int:
+    checkpoint_config(args.checkpoint)
+    model = load(resolve_checkpoint(args.checkpoint), device=args.device)
+    with autocast(args.device, args.autocast):
+        df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
+                            quiet=args.quiet, max_batch=args.max_batch)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "ablation.csv", index=False)
     for metric in SCORED:
@@ -162,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     print(wide[list(SCORED)].round(3).to_string())
     print(f"\nwrote {out}/ablation.csv and heatmaps")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return cli.run(lambda: _ablate(args))
 
 
 if __name__ == "__main__":

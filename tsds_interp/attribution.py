@@ -25,13 +25,11 @@ the model's own rollouts and writes ``attribution.csv``, ``summary.csv`` and two
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -39,8 +37,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tsds_interp import checks, cli
 from tsds_interp.data import reflective_sft_data
-from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint, run_versions, shipped_names
+from tsds_interp.model import (
+    CheckpointError,
+    checkpoint_config,
+    config_of,
+    load,
+    resolve_checkpoint,
+    run_versions,
+    shipped_names,
+)
 from tsds_interp.objectives import (
     Terms,
     advantages,
@@ -273,10 +280,16 @@ def head_decision_share(df: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- batches for a model
 
+MAX_QUESTIONS = 10**5
+
+
 def default_batches(model, n_questions: int = 64, group: int = 8, seed: int = 0,
                     temperature: float = 1.0) -> dict[str, Trajectories]:
     """The model's own rollouts (``group`` per training question) and reflective SFT data built
     from its own candidates on as many questions: what RL and SFT would train it on."""
+    checks.number("questions", n_questions, lo=1, hi=MAX_QUESTIONS, integer=True)
+    checks.number("group", group, lo=2, hi=1024, integer=True)
+    checks.seed(seed)
     task = config_of(model).task
     q = sample_questions(task, "train", n_questions, seed).repeat_interleave(group)
     r = rollout(model, q, task=task, temperature=temperature, seed=seed)
@@ -288,6 +301,12 @@ def attribute_all(model, batches: dict[str, Trajectories], ref=None, objectives=
                   decision_share: float = 0.5, kl_estimator: str = "k3") -> pd.DataFrame:
     """:func:`attribute` for each objective: SFT ones on ``batches['sft_data']``, the surrogate
     reward and KL on ``batches['rollouts']``; KL is skipped without a reference model."""
+    checks.number("decision_share", decision_share, lo=0, hi=1)
+    if kl_estimator not in ("k1", "k3"):
+        raise ValueError(f"kl_estimator must be one of k1, k3, got {kl_estimator!r}")
+    if ref is not None and config_of(ref).task != config_of(model).task:
+        raise ValueError("the reference model was trained on another task than the model; pass a "
+                         "reference of the same task")
     frames = []
     for objective in objectives:
         if objective == "kl" and ref is None:
@@ -305,47 +324,41 @@ def attribute_all(model, batches: dict[str, Trajectories], ref=None, objectives=
 _PREVIOUS_STAGE = {"rl": "sft", "sft": "base", "sft_balanced": "base"}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tsds_interp.attribution",
-                                description="Split each objective's gradient by token role.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _parser() -> cli.Parser:
+    p = cli.Parser("python -m tsds_interp.attribution", "Split each objective's gradient by token role.")
     p.add_argument("--checkpoint", default="rl", help="checkpoint folder or shipped name")
     p.add_argument("--ref", help="reference model of the KL penalty (default for shipped names: the "
                                  "stage before; for folders: none, and KL is skipped)")
-    p.add_argument("--questions", type=int, default=64, help="training questions per batch")
-    p.add_argument("--group", type=int, default=8, help="rollouts per question")
-    p.add_argument("--decision-share", type=float, default=0.5, help="for sft_role_balanced")
+    p.add_argument("--questions", type=cli.integer(1, MAX_QUESTIONS), default=64, help="training questions per batch")
+    p.add_argument("--group", type=cli.integer(2, 1024), default=8,
+                   help="rollouts per question (advantages are within groups)")
+    p.add_argument("--decision-share", type=cli.real(0, 1), default=0.5, help="for sft_role_balanced")
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k3")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/attribution", help="folder for CSV, PNG and run.json")
+    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--device", type=cli.device, default="cpu")
+    p.add_argument("--out", type=cli.out_dir, default="runs/attribution", help="folder for CSV, PNG and run.json")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.questions < 1 or args.group < 2:
-            raise ValueError("--questions must be >= 1 and --group >= 2 (advantages are within groups)")
-        if not 0 <= args.decision_share <= 1:
-            raise ValueError(f"--decision-share must be in [0, 1], got {args.decision_share}")
-        model = load(args.checkpoint, device=args.device)
-        ref_name = args.ref or (_PREVIOUS_STAGE.get(args.checkpoint) if args.checkpoint in shipped_names()
-                                else None)
-        ref = load(ref_name, device=args.device) if ref_name else None
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _attribute(args) -> int:
+    model_cfg = checkpoint_config(args.checkpoint)
+    ref_name = args.ref or (_PREVIOUS_STAGE.get(args.checkpoint) if args.checkpoint in shipped_names() else None)
+    if ref_name is not None:
+        try:
+            ref_cfg = checkpoint_config(ref_name)
+        except CheckpointError as e:
+            raise CheckpointError(f"--ref: {e}") from None
+        if ref_cfg.task != model_cfg.task:
+            raise ValueError(f"--ref {ref_name} was trained on another task than --checkpoint "
+                             f"{args.checkpoint}; pass a reference of the same task")
+    model = load(args.checkpoint, device=args.device)
+    ref = load(ref_name, device=args.device) if ref_name else None
     torch.manual_seed(args.seed)
-    try:
-        batches = default_batches(model, args.questions, args.group, args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    batches = default_batches(model, args.questions, args.group, args.seed)
     df = attribute_all(model, batches, ref=ref, decision_share=args.decision_share,
                        kl_estimator=args.kl_estimator)
     table = summarize(df)
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "attribution.csv", index=False)
     table.to_csv(out / "summary.csv", index=False)
@@ -361,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"wrote {out}/attribution.csv, summary.csv, gradient_mass.png, head_decision_share.png")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return cli.run(lambda: _attribute(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ reference time / ours except for ``train`` (hooked / plain: lower is better ther
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -21,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tsds_interp import cli
 from tsds_interp.model import ModelConfig, build_model, load, shipped_names
 
 
@@ -189,16 +189,16 @@ def bench_patching(quick: bool) -> dict:
 ENTRIES = {"rollout": bench_rollout, "train": bench_train, "patching": bench_patching}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tsds_interp.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("entries", nargs="*", default=list(ENTRIES), help=f"any of {', '.join(ENTRIES)}")
-    p.add_argument("--json", help="also write the results to this JSON file")
+def _parser() -> cli.Parser:
+    p = cli.Parser("python -m tsds_interp.bench", __doc__.split("\n\n")[0])
+    p.add_argument("entries", nargs="*", default=list(ENTRIES), choices=list(ENTRIES), metavar="ENTRY",
+                   help=f"any of {', '.join(ENTRIES)}")
+    p.add_argument("--json", type=cli.out_file, help="also write the results to this JSON file")
     p.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
-    args = p.parse_args(argv)
-    bad = [e for e in args.entries if e not in ENTRIES]
-    if bad:
-        print(f"error: unknown bench entry {bad[0]!r}; choose from {', '.join(ENTRIES)}", file=sys.stderr)
-        return 2
+    return p
+
+
+def _bench(args) -> int:
     torch.manual_seed(0)
     results = {}
     for entry in args.entries:
@@ -207,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{entry}.{name:<12} ours {r['ours_s']:.4f}s  reference {r['reference_s']:.4f}s  "
                   f"ratio {r['ratio']:.2f}  ({r['reference']})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return cli.run(lambda: _bench(args))
 
 
 if __name__ == "__main__":

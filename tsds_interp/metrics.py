@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tsds_interp import checks
 from tsds_interp.model import config_of
 from tsds_interp.objectives import token_logprobs
 from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts, rollout
@@ -486,6 +487,19 @@ def hard_cells(task: TaskConfig) -> tuple[str, ...]:
     return tuple(f"{a}x{b}" for a, b in task.train_cells if a + b == top)
 
 
+MAX_QUESTIONS, MAX_SAMPLES, MAX_BOOT = 10**6, 1024, 10**6
+
+
+def check_sampling(n_questions: int, samples: int, temperature: float, seed: int, n_boot: int,
+                   min_questions: int = 1) -> None:
+    """The rules of the studies that sample the model's own candidates (verify, probe)."""
+    checks.number("questions", n_questions, lo=min_questions, hi=MAX_QUESTIONS, integer=True)
+    checks.number("samples", samples, lo=1, hi=MAX_SAMPLES, integer=True)
+    checks.number("temperature", temperature, lo=0, hi=100, lo_open=True)
+    checks.seed(seed)
+    checks.number("bootstrap", n_boot, lo=10, hi=MAX_BOOT, integer=True)
+
+
 def verification_metrics(model, n_questions: int = 2400, samples: int = 8, temperature: float = 1.0,
                          seed: int = 0, n_boot: int = 1000, cells: tuple[str, ...] | None = None
                          ) -> pd.DataFrame:
@@ -511,10 +525,12 @@ def verification_metrics(model, n_questions: int = 2400, samples: int = 8, tempe
     ``samples`` sampled first attempts each.
     """
     task = config_of(model).task
-    if n_questions < 1:
-        raise ValueError(f"n_questions must be >= 1, got {n_questions}")
+    check_sampling(n_questions, samples, temperature, seed, n_boot)
     if cells is not None:
-        chosen = tuple(tuple(int(x) for x in c.split("x")) for c in cells)
+        try:
+            chosen = tuple(tuple(int(x) for x in c.split("x")) for c in cells)
+        except (ValueError, AttributeError):
+            raise ValueError(f"cells must be AxB cells such as 1x2, got {cells!r}") from None
         unknown = [c for c, t in zip(cells, chosen) if t not in task.train_cells]
         if unknown:
             raise ValueError(f"cells {unknown} are not in-distribution cells of this task "

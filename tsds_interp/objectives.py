@@ -109,6 +109,9 @@ def advantages(reward: Float[Tensor, " batch"], group: int, mode: Literal["grpo"
         return reward - reward.mean()
     if mode != "grpo":
         raise ValueError(f"unknown advantage mode {mode!r}; choose grpo or reinforce")
+    if group < 2:
+        raise ValueError(f"group must be >= 2 for grpo advantages (one rollout per question has no "
+                         f"advantage), got {group}")
     if reward.shape[0] % group:
         raise ValueError(f"batch of {reward.shape[0]} is not a whole number of groups of {group}")
     r = reward.view(-1, group)
@@ -118,6 +121,8 @@ def advantages(reward: Float[Tensor, " batch"], group: int, mode: Literal["grpo"
 def discounted_reward(reward: Float[Tensor, " batch"], n_attempts: Int[Tensor, " batch"],
                       discount: float = 1.0) -> Float[Tensor, " batch"]:
     """Outcome reward discounted by ``discount ** (attempts - 1)``."""
+    if not 0 < discount <= 1:
+        raise ValueError(f"discount must be a finite number in (0, 1], got {discount!r}")
     return reward * discount ** (n_attempts.float() - 1).clamp(min=0)
 
 
@@ -132,6 +137,8 @@ def policy_gradient_terms(logp: Float[Tensor, "batch pos"], old_logp: Float[Tens
     a = adv[:, None]
     surrogate = ratio * a
     if clip is not None:
+        if not 0 < clip <= 10:
+            raise ValueError(f"clip must be a finite number in (0, 10], got {clip!r}")
         surrogate = torch.minimum(surrogate, ratio.clamp(1 - clip, 1 + clip) * a)
     return Terms(-surrogate * counted(roles), roles, aggregation_weights(roles, weighting, total=total))
 

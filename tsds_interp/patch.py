@@ -12,7 +12,6 @@ are given only where the gap's interval excludes 0.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sys
@@ -21,9 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+from tsds_interp import checks, cli
 from tsds_interp.edges import draw_graph, edge_attribution, edge_patch, prune
-from tsds_interp.model import CheckpointError, autocast, config_of, load, resolve_checkpoint, run_versions
+from tsds_interp.model import autocast, checkpoint_config, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import (
     Pairs,
     activation_patch,
@@ -49,6 +50,24 @@ def make_pairs(model, function: str, n_pairs: int = 32, seed: int = 0, cells: st
     return sampling_pairs(task, n_pairs, seed=seed, cells=cells)
 
 
+MAX_PAIRS = 10_000
+
+
+def check_patching_args(function: str, method: str, granularity: str, direction: str, n_pairs: int,
+                        seed: int, memory_mb: float, ig_steps: int) -> None:
+    """``ValueError`` naming the first setting of :func:`run_patching` outside its accepted values."""
+    for name, value, allowed in (("function", function, ("decision", "sampling")),
+                                 ("method", method, ("activation", "attribution")),
+                                 ("granularity", granularity, tuple(GRANULARITY_GRIDS)),
+                                 ("direction", direction, ("denoise", "noise"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    checks.number("pairs", n_pairs, lo=1, hi=MAX_PAIRS, integer=True)
+    checks.seed(seed)
+    checks.number("memory_mb", memory_mb, lo=0, hi=1e7, lo_open=True)
+    checks.number("ig_steps", ig_steps, lo=1, hi=1000, integer=True)
+
+
 def run_patching(model, function: str, method: str = "activation", granularity: str = "head",
                  n_pairs: int = 32, seed: int = 0, direction: str = "denoise", memory_mb: float = 256,
                  cells: str = "auto", pairs: Pairs | None = None, n_boot: int = 1000, ig_steps: int = 1
@@ -61,6 +80,7 @@ def run_patching(model, function: str, method: str = "activation", granularity: 
     ``granularity="edge"``: one row per edge (``source``, ``target``; :mod:`tsds_interp.edges`), exact
     single-edge path patching (activation) or edge attribution with ``ig_steps`` (attribution).
     """
+    check_patching_args(function, method, granularity, direction, n_pairs, seed, memory_mb, ig_steps)
     pairs = pairs or make_pairs(model, function, n_pairs, seed, cells)
     with torch.no_grad():
         clean_v = float(pairs.metric(model(pairs.clean)))
@@ -152,56 +172,47 @@ def _plots(df: pd.DataFrame, out: Path, label: str, model) -> list[str]:
     return files
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tsds_interp.patch", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _parser() -> cli.Parser:
+    p = cli.Parser("python -m tsds_interp.patch", __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="rl", help="checkpoint folder or shipped name")
     p.add_argument("--function", default="both", choices=("decision", "sampling", "both"))
     p.add_argument("--method", default="activation", choices=("activation", "attribution"))
     p.add_argument("--granularity", default="head", choices=tuple(GRANULARITY_GRIDS))
     p.add_argument("--direction", default="denoise", choices=("denoise", "noise"))
-    p.add_argument("--pairs", type=int, default=32, help="contrast pairs per function")
+    p.add_argument("--pairs", type=cli.integer(1, MAX_PAIRS), default=32, help="contrast pairs per function")
     p.add_argument("--cells", default="auto",
                    help="difficulty cells of the pairs: auto (decision: cells where the decision separates "
                         "truth from the model's own wrong samples on screening questions; sampling: all), all, "
                         "or e.g. 1x2,2x1")
-    p.add_argument("--ig-steps", type=int, default=1,
+    p.add_argument("--ig-steps", type=cli.integer(1, 1000), default=1,
                    help="integrated-gradient steps of attribution patching (1 = plain gradient x difference)")
-    p.add_argument("--top", type=int, default=8, help="components to print per function")
-    p.add_argument("--out", default="runs/patch", help="output folder")
-    p.add_argument("--memory-mb", type=float, default=256,
+    p.add_argument("--top", type=cli.integer(1, 10_000), default=8, help="components to print per function")
+    p.add_argument("--out", type=cli.out_dir, default="runs/patch", help="output folder")
+    p.add_argument("--memory-mb", type=cli.real(0, 1e7, lo_open=True), default=256,
                    help="activation budget of one batch of patched variants (chunks the sweep)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=cli.device, default="cpu")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bfloat16 autocast")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.pairs < 1:
-            raise ValueError(f"--pairs must be >= 1, got {args.pairs}")
-        path = resolve_checkpoint(args.checkpoint)
-        model = load(path, device=args.device)
-        functions = ("decision", "sampling") if args.function == "both" else (args.function,)
-        if args.ig_steps < 1:
-            raise ValueError(f"--ig-steps must be >= 1, got {args.ig_steps}")
-        if args.memory_mb <= 0:
-            raise ValueError(f"--memory-mb must be > 0, got {args.memory_mb}")
-        if args.cells not in ("auto", "all"):
-            parse_cells(args.cells, config_of(model).task)
-        t0 = time.time()
-        with autocast(args.device, args.autocast):
-            df = pd.concat([run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
-                                         args.direction, args.memory_mb, args.cells, ig_steps=args.ig_steps)
-                            for f in functions],
-                           ignore_index=True)
-        elapsed = time.time() - t0
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+def _patch(args) -> int:
+    task = checkpoint_config(args.checkpoint).task
+    if args.cells not in ("auto", "all"):
+        parse_cells(args.cells, task)
+    path = resolve_checkpoint(args.checkpoint)
+    model = load(path, device=args.device)
+    functions = ("decision", "sampling") if args.function == "both" else (args.function,)
+    t0 = time.time()
+    frames = []
+    with autocast(args.device, args.autocast):
+        for f in tqdm(functions, desc="patching", unit="function", disable=args.quiet):
+            frames.append(run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
+                                       args.direction, args.memory_mb, args.cells, ig_steps=args.ig_steps))
+    df = pd.concat(frames, ignore_index=True)
+    elapsed = time.time() - t0
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "patching.csv", index=False)
     files = _plots(df, out, f"({args.method}, {path.name})", model)
@@ -214,12 +225,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + gap_line(df[df.function == function]))
         print(f"top {function} components:")
         print(part.drop(columns="function").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    (out / "run.json").write_text(json.dumps({**vars(args), "checkpoint_path": str(path),
+    (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
                                               "elapsed_s": elapsed, "peak_memory_mb": peak_memory_mb(args.device),
                                               "files": ["patching.csv", *files],
                                               "versions": run_versions()}, indent=2))
     print(f"\nwrote {out}/patching.csv, {', '.join(files)}, run.json")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return cli.run(lambda: _patch(args))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tsds_interp import checks
 from tsds_interp.metrics import _boot_mean, _paired, decision_scores, score_candidates
 from tsds_interp.rollout import CachedStepper, rollout
 from tsds_interp.task import (
@@ -265,17 +266,25 @@ def _patch_variants(act: Tensor, src: Tensor, cells: Tensor, axes: tuple[str, ..
     return act.view(-1, *act.shape[2:])
 
 
+def check_contrast(clean: Tensor, corrupted: Tensor, direction: str) -> None:
+    """``ValueError`` unless the two token batches have one shape and ``direction`` is known."""
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens "
+                         "must have the same shape")
+    if clean.ndim != 2 or clean.shape[0] == 0:
+        raise ValueError(f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(clean.shape)}")
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+
+
 @torch.no_grad()
 def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
                      metric: Metric, grid: str = "head", direction: Direction = "denoise",
                      memory_mb: float = 256.0) -> Tensor:
     """Metric after patching each cell of ``grid``; shaped like ``transformer_lens.patching``'s
     result ([layer, pos], [layer, head] or [layer, pos, head])."""
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens "
-                         "must have the same shape")
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    check_contrast(clean, corrupted, direction)
+    checks.number("memory_mb", memory_mb, lo=0, hi=1e7, lo_open=True)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     if grid == "head_pos" and _PrefixReuse.supports(model):
         return _PrefixReuse(model).head_pos(base, source, metric, memory_mb)
@@ -397,8 +406,8 @@ def attribution_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Ten
                       metric: Metric, grid: str = "head", direction: Direction = "denoise",
                       ig_steps: int = 1) -> Tensor:
     """First-order estimate of :func:`activation_patch` minus the base run's metric, same shape."""
-    if ig_steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
+    check_contrast(clean, corrupted, direction)
+    checks.number("ig_steps", ig_steps, lo=1, hi=1000, integer=True)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     names = [hook_name(grid, layer) for layer in range(model.cfg.n_layers)]
     check_hook_names(model, names)

@@ -20,7 +20,6 @@ with low readout AUC: the information is there, in a form the decision does not 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,9 +32,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tsds_interp.cli import check_sampling_args
-from tsds_interp.metrics import _boot_mean
-from tsds_interp.model import CheckpointError, config_of, load, resolve_checkpoint, run_versions
+from tsds_interp import checks, cli
+from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, _boot_mean, check_sampling
+from tsds_interp.model import checkpoint_config, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import own_samples, parse_cells
 from tsds_interp.plotting import heatmap
 from tsds_interp.task import ACCEPT, REJECT, TaskConfig, answer_tokens, prompt_tokens, sample_questions
@@ -144,11 +143,16 @@ def readout_direction(model) -> Float[Tensor, " d_model"]:
     return u - u.mean() if model.cfg.normalization_type in ("LN", "LNPre") else u
 
 
+MIN_QUESTIONS = 16
+
+
 def probe_study(model, cells=None, train_questions: int = 4096, test_questions: int = 2048, samples: int = 8,
                 temperature: float = 1.0, seed: int = 0, n_boot: int = 1000, quiet: bool = True) -> pd.DataFrame:
     """One row per (site, position, test cell group): test within-question AUC of the probe with a 95%
     interval, its training AUC, the readout AUC and the probe's cosine with the readout direction."""
     task = config_of(model).task
+    check_sampling(train_questions, samples, temperature, seed, n_boot, min_questions=MIN_QUESTIONS)
+    checks.number("test_questions", test_questions, lo=MIN_QUESTIONS, hi=MAX_QUESTIONS, integer=True)
     chosen = None if cells in (None, "all") else parse_cells(cells, task)
     train = probe_rows(model, task, "train", train_questions, chosen, samples, temperature, seed=seed)
     test = probe_rows(model, task, "test", test_questions, chosen, samples, temperature, seed=seed + 100)
@@ -174,39 +178,32 @@ def probe_study(model, cells=None, train_questions: int = 4096, test_questions: 
     return pd.DataFrame(rows)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tsds_interp.probe", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _parser() -> cli.Parser:
+    p = cli.Parser("python -m tsds_interp.probe", __doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default="sft", help="checkpoint folder or shipped name")
     p.add_argument("--cells", default="all", help="cells of the questions: all, or e.g. 1x2,2x1")
-    p.add_argument("--train-questions", type=int, default=4096)
-    p.add_argument("--test-questions", type=int, default=2048)
-    p.add_argument("--samples", type=int, default=8, help="own samples drawn per question")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/probe")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-questions", type=cli.integer(MIN_QUESTIONS, MAX_QUESTIONS), default=4096)
+    p.add_argument("--test-questions", type=cli.integer(MIN_QUESTIONS, MAX_QUESTIONS), default=2048)
+    p.add_argument("--samples", type=cli.integer(1, MAX_SAMPLES), default=8, help="own samples drawn per question")
+    p.add_argument("--temperature", type=cli.real(0, 100, lo_open=True), default=1.0)
+    p.add_argument("--bootstrap", type=cli.integer(10, MAX_BOOT), default=1000)
+    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--out", type=cli.out_dir, default="runs/probe")
+    p.add_argument("--device", type=cli.device, default="cpu")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        minimums = {"--train-questions": (args.train_questions, 16), "--test-questions": (args.test_questions, 16),
-                    "--samples": (args.samples, 1), "--bootstrap": (args.bootstrap, 10)}
-        out = check_sampling_args(minimums, args.temperature, args.out)
-        path = resolve_checkpoint(args.checkpoint)
-        model = load(path, device=args.device)
-        if args.cells != "all":
-            parse_cells(args.cells, config_of(model).task)
-        t0 = time.time()
-        df = probe_study(model, args.cells, args.train_questions, args.test_questions, args.samples,
-                         args.temperature, args.seed, args.bootstrap, args.quiet)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _probe(args) -> int:
+    task = checkpoint_config(args.checkpoint).task
+    if args.cells != "all":
+        parse_cells(args.cells, task)
+    path = resolve_checkpoint(args.checkpoint)
+    model = load(path, device=args.device)
+    t0 = time.time()
+    df = probe_study(model, args.cells, args.train_questions, args.test_questions, args.samples,
+                     args.temperature, args.seed, args.bootstrap, args.quiet)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "probe.csv", index=False)
     part = df[df.cell == "all"]
@@ -221,11 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"probes of {path}, {time.time() - t0:.1f}s; held-out within-question AUC (all cells), best 12:")
     print(show[["site", "position", "probe_auc", "lo", "hi", "n", "readout_auc", "cos_readout"]].to_string(
         index=False, float_format=lambda x: f"{x:.3f}"))
-    (out / "run.json").write_text(json.dumps({**vars(args), "checkpoint_path": str(path),
+    (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
                                               "files": ["probe.csv", "probe_resid.png", "probe_heads.png"],
                                               "versions": run_versions()}, indent=2))
     print(f"\nwrote {out}/probe.csv, probe_resid.png, probe_heads.png, run.json")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return cli.run(lambda: _probe(args))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from tsds_interp import checks
 from tsds_interp.model import config_of
 from tsds_interp.task import (
     ACCEPT,
@@ -28,6 +29,7 @@ from tsds_interp.task import (
     REJECT,
     Questions,
     TaskConfig,
+    check_operands,
     parse_candidate,
     prompt_tokens,
     token_roles,
@@ -201,8 +203,12 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
         task = TaskConfig(**{**task.to_dict(), "budget": budget})
     if len(questions) == 0:
         raise ValueError("no questions to roll out; pass at least one")
-    if temperature < 0 or (decision_temperature or 0) < 0:
-        raise ValueError("temperatures must be >= 0 (0 = greedy)")
+    checks.number("temperature", temperature, lo=0, hi=100)
+    if decision_temperature is not None:
+        checks.number("decision_temperature", decision_temperature, lo=0, hi=100)
+    checks.seed(seed)
+    checks.number("batch_size", batch_size, lo=1, hi=2**24, integer=True)
+    check_operands(questions.a, questions.b, task)
     dtemp = temperature if decision_temperature is None else decision_temperature
     n_steps = task.budget * task.attempt_len
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,6 @@ copies the stage's ``checkpoint/model.safetensors`` and ``config.json`` (no opti
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -18,57 +17,104 @@ from pathlib import Path
 
 import pandas as pd
 
+from tsds_interp import checks, cli
 from tsds_interp.metrics import heldout_metrics
 from tsds_interp.model import SHIPPED_DIR, CheckpointError, load, replace_dir
 
 
-def ship(stage_dir: str | Path, name: str, command: str, dest: Path = SHIPPED_DIR) -> dict:
-    stage = Path(stage_dir)
+def ship(stage_dir: str | Path, name: str, command: str, dest: Path = SHIPPED_DIR, force: bool = False) -> dict:
+    """Ship ``stage_dir``'s checkpoint as ``name``. Everything is read and checked before anything
+    is written; an existing ``name`` is replaced only with ``force``."""
+    stage, dest = Path(stage_dir), Path(dest)
     ckpt = stage / "checkpoint"
-    if not (ckpt / "model.safetensors").is_file():
-        raise CheckpointError(f"{stage} has no checkpoint/model.safetensors; train the stage first")
     if not name.isidentifier():
         raise ValueError(f"checkpoint name {name!r} must be a plain identifier (letters, digits, _)")
-    run = json.loads((stage / "run.json").read_text()) if (stage / "run.json").is_file() else {}
-    wall = stage / "wall_time_s.txt"
+    if not command.strip():
+        raise ValueError("--command is empty; give the command that trained the stage")
+    if (dest / name).exists() and not force:
+        raise ValueError(f"a checkpoint named {name!r} is already shipped in {dest}; pass --force to replace it")
+    if not (ckpt / "model.safetensors").is_file():
+        raise CheckpointError(f"{stage} has no checkpoint/model.safetensors; train the stage first")
+    run = _read_json_if_any(stage / "run.json", "run record")
+    state = _read_json_if_any(ckpt / "train_state.json", "training state")
+    wall = _wall_time(stage / "wall_time_s.txt")
+    manifest_path, table_path = dest / "manifest.json", dest / "heldout_metrics.csv"
+    manifest = checks.read_json(manifest_path, "manifest") if manifest_path.is_file() else {}
+    table = _read_table(table_path)
     metrics = heldout_metrics(load(ckpt))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest))
-    for f in ("model.safetensors", "config.json"):
-        shutil.copy2(ckpt / f, tmp / f)
-    replace_dir(tmp, dest / name)
-    train_cfg = run.get("config", {})
+    train_cfg = run.get("config", {}) if isinstance(run.get("config"), dict) else {}
     entry = {"command": command, "seed": train_cfg.get("seed"), "stage": train_cfg.get("stage"),
-             "steps": json.loads((ckpt / "train_state.json").read_text())["step"]
-             if (ckpt / "train_state.json").is_file() else None,
-             "wall_time_s": float(wall.read_text()) if wall.is_file() else None,
-             "commit": run.get("versions", {}).get("git_commit"),
+             "steps": state.get("step"), "wall_time_s": wall,
+             "commit": (run.get("versions") or {}).get("git_commit"),
              "init": run.get("init"), "ref": run.get("ref") if train_cfg.get("stage") == "rl" else None,
              "heldout_all": metrics[metrics.cell == "all"].set_index("metric")["value"].round(4).to_dict()}
-    manifest_path = dest / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest[name] = entry
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    table_path = dest / "heldout_metrics.csv"
-    table = pd.read_csv(table_path) if table_path.is_file() else pd.DataFrame()
     if len(table):
         table = table[table.model != name]
-    pd.concat([table, metrics.assign(model=name)], ignore_index=True).to_csv(table_path, index=False)
+    table = pd.concat([table, metrics.assign(model=name)], ignore_index=True)
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest))
+    try:
+        for f in ("model.safetensors", "config.json"):
+            shutil.copyfile(ckpt / f, tmp / f)
+        _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        _write_atomic(table_path, table.to_csv(index=False))
+        replace_dir(tmp, dest / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return entry
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tsds_interp.ship", description=__doc__.split("\n\n")[0])
+def _read_json_if_any(path: Path, what: str) -> dict:
+    return checks.read_json(path, what) if path.is_file() else {}
+
+
+def _wall_time(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    try:
+        return float(checks.read_text(path))
+    except ValueError:
+        raise ValueError(f"{path} does not hold a number of seconds; fix or delete it") from None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path} is not a readable CSV ({str(e).splitlines()[0]}); restore it from git") from None
+    if len(table) and "model" not in table.columns:
+        raise ValueError(f"{path} has no 'model' column; restore it from git")
+    return table
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _parser() -> cli.Parser:
+    p = cli.Parser("python -m tsds_interp.ship", __doc__.split("\n\n")[0])
     p.add_argument("stage_dir", help="a training stage folder (holds checkpoint/ and run.json)")
     p.add_argument("name", help="shipped name, e.g. base, sft, rl, sft_balanced")
     p.add_argument("--command", required=True, help="the command that trained the stage, for the manifest")
-    args = p.parse_args(argv)
-    try:
-        entry = ship(args.stage_dir, args.name, args.command)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({args.name: entry}, indent=2))
-    return 0
+    p.add_argument("--force", action="store_true", help="replace a shipped checkpoint of the same name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def body() -> int:
+        entry = ship(args.stage_dir, args.name, args.command, force=args.force)
+        print(json.dumps({args.name: entry}, indent=2))
+        return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

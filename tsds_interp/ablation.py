@@ -171,8 +171,7 @@ def _ablate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return cli.run(lambda: _ablate(args))
+    return cli.main(_parser(), _ablate, argv)
 
 
 if __name__ == "__main__":

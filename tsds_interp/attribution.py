@@ -377,8 +377,7 @@ def _attribute(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return cli.run(lambda: _attribute(args))
+    return cli.main(_parser(), _attribute, argv)
 
 
 if __name__ == "__main__":

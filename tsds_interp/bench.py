@@ -213,8 +213,7 @@ def _bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return cli.run(lambda: _bench(args))
+    return cli.main(_parser(), _bench, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,17 @@ class Parser(argparse.ArgumentParser):
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def error(self, message: str):
-        say(f"{self.prog}: error: {message} (see --help)")
-        sys.exit(EXIT_BAD_INPUT)
+        raise FlagError(f"{message} (see {self.prog} --help)")
+
+
+class FlagError(ValueError):
+    """A flag that does not parse or is out of range."""
+
+
+def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
+         argv: list[str] | None) -> int:
+    """Parse ``argv`` and run ``body`` on the flags under :func:`run`'s error handling."""
+    return run(lambda: body(parser.parse_args(argv)))
 
 
 def is_main_process() -> bool:

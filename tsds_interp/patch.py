@@ -234,8 +234,7 @@ def _patch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return cli.run(lambda: _patch(args))
+    return cli.main(_parser(), _patch, argv)
 
 
 if __name__ == "__main__":

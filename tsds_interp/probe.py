@@ -226,8 +226,7 @@ def _probe(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return cli.run(lambda: _probe(args))
+    return cli.main(_parser(), _probe, argv)
 
 
 if __name__ == "__main__":

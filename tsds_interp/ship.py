@@ -22,10 +22,10 @@ from tsds_interp.metrics import heldout_metrics
 from tsds_interp.model import SHIPPED_DIR, CheckpointError, load, replace_dir
 
 
-def ship(stage_dir: str | Path, name: str, command: str, dest: Path = SHIPPED_DIR, force: bool = False) -> dict:
+def ship(stage_dir: str | Path, name: str, command: str, dest: Path | None = None, force: bool = False) -> dict:
     """Ship ``stage_dir``'s checkpoint as ``name``. Everything is read and checked before anything
     is written; an existing ``name`` is replaced only with ``force``."""
-    stage, dest = Path(stage_dir), Path(dest)
+    stage, dest = Path(stage_dir), Path(dest or SHIPPED_DIR)
     ckpt = stage / "checkpoint"
     if not name.isidentifier():
         raise ValueError(f"checkpoint name {name!r} must be a plain identifier (letters, digits, _)")
@@ -107,14 +107,14 @@ def _parser() -> cli.Parser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _ship(args) -> int:
+    entry = ship(args.stage_dir, args.name, args.command, force=args.force)
+    print(json.dumps({args.name: entry}, indent=2))
+    return 0
 
-    def body() -> int:
-        entry = ship(args.stage_dir, args.name, args.command, force=args.force)
-        print(json.dumps({args.name: entry}, indent=2))
-        return 0
-    return cli.run(body)
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(_parser(), _ship, argv)
 
 
 if __name__ == "__main__":

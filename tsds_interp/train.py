@@ -710,9 +710,8 @@ def _train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        return cli.run(lambda: _train(args))
+        return cli.main(_parser(), _train, argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -71,8 +71,7 @@ def _verify(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return cli.run(lambda: _verify(args))
+    return cli.main(_parser(), _verify, argv)
 
 
 if __name__ == "__main__":

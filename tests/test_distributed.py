@@ -30,6 +30,7 @@ def test_two_processes_match_one(trained_tiny, tmp_path, stage):
                           "-m", "tsds_interp.train", *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("checkpoint: ") == 1, run.stdout
     one, two, start = _weights(tmp_path / "one"), _weights(tmp_path / "two"), _weights(init.parent)
     diff = torch.cat([(one[k] - two[k]).flatten() for k in one])
     moved = torch.cat([(one[k] - start[k]).flatten() for k in one])
@@ -54,3 +55,4 @@ def test_batch_not_divisible_by_processes_is_a_clear_error(trained_tiny, tmp_pat
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     assert "--batch-size (33) must be divisible by the number of processes (2)" in run.stderr
+    assert run.stderr.count("must be divisible") == 1, run.stderr  # one process speaks, not both

@@ -38,8 +38,8 @@ def test_probe_rows_pair_truth_with_own_wrong_samples_and_control_is_chance(rand
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--train-questions", "3"], "--train-questions must be >= 16"),
-    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--train-questions", "3"], "--train-questions: must be an integer in [16, 1000000], got 3"),
+    (["--temperature", "0"], "--temperature: must be a finite number in (0, 100], got 0.0"),
     (["--cells", "9x9"], "in-distribution cells"),
 ])
 def test_probe_cli_rejects_bad_input(argv, words, tmp_path, capsys):

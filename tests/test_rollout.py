@@ -86,8 +86,15 @@ def test_invalid_decision_ends_episode(tiny_cfg):
 def test_empty_and_bad_arguments(random_model, questions):
     with pytest.raises(ValueError, match="no questions"):
         rollout(random_model, questions[:0])
-    with pytest.raises(ValueError, match="temperatures"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number in \[0, 100\], got -1"):
         rollout(random_model, questions, temperature=-1)
+    with pytest.raises(ValueError, match="batch_size must be an integer in"):
+        rollout(random_model, questions, batch_size=0)
+    wide = type(questions)(questions.a * 1000, questions.b)
+    with pytest.raises(ValueError, match="operands a must be in"):
+        rollout(random_model, wide)
+    with pytest.raises(ValueError, match="integer tensor"):
+        rollout(random_model, type(questions)(questions.a.float(), questions.b))
 
 
 class _ScriptedPolicy(torch.nn.Module):

@@ -19,7 +19,9 @@ def test_ship_copies_weights_and_records_manifest(trained_tiny, tmp_path):
     assert entry["heldout_all"]["realized_accuracy"] == pytest.approx(
         pd.read_csv(tmp_path / "heldout_metrics.csv").query("cell == 'all' and metric == 'realized_accuracy'")
         .value.item(), abs=1e-4)
-    ship(out / "rl", "rl_tiny", "again", dest=tmp_path)  # re-shipping replaces, never duplicates
+    with pytest.raises(ValueError, match="pass --force"):  # an existing name is never replaced silently
+        ship(out / "rl", "rl_tiny", "again", dest=tmp_path)
+    ship(out / "rl", "rl_tiny", "again", dest=tmp_path, force=True)  # re-shipping replaces, never duplicates
     assert len(pd.read_csv(tmp_path / "heldout_metrics.csv").query("cell == 'all'").model.unique()) == 1
 
 

@@ -206,10 +206,13 @@ def _patch(args) -> int:
     functions = ("decision", "sampling") if args.function == "both" else (args.function,)
     t0 = time.time()
     frames = []
-    with autocast(args.device, args.autocast):
-        for f in tqdm(functions, desc="patching", unit="function", disable=args.quiet):
+    with autocast(args.device, args.autocast), tqdm(total=len(functions), desc="patching", unit="function",
+                                                    disable=args.quiet) as bar:
+        for f in functions:
+            bar.set_postfix(function=f)
             frames.append(run_patching(model, f, args.method, args.granularity, args.pairs, args.seed,
                                        args.direction, args.memory_mb, args.cells, ig_steps=args.ig_steps))
+            bar.update()
     df = pd.concat(frames, ignore_index=True)
     elapsed = time.time() - t0
     out = args.out

@@ -1,0 +1,140 @@
+"""Faults: kill -9 while checkpointing, a torn log row, a replace cut between its renames, weights
+that turn non-finite, saving over a user's folder, file modes, Ctrl-C during a long computation."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from tsds_interp.model import load, save
+from tsds_interp.train import Trainer, preset_config, train_stage
+
+STEPS = dict(ckpt_every=1, eval_every=100, log_every=1)
+
+
+def _equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_kill_9_while_checkpointing_every_step_loses_nothing(tmp_path):
+    """SIGKILL at several moments of a run that checkpoints every step: the checkpoint always loads
+    and ``--resume`` ends with the weights of an uninterrupted run."""
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "tsds_interp.train", "pretrain", "--preset", "tiny", "--steps", "40",
+            "--ckpt-every", "1", "--eval-every", "100", "--log-every", "1", "--eval-questions", "8",
+            "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for delay in (0.0, 0.37, 0.81):
+        proc = subprocess.Popen([*args, *(["--resume"] if (out / "checkpoint").exists() else [])], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (out / "checkpoint").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        load(out)  # the checkpoint is whole after every kill
+    assert subprocess.run([*args, "--resume"], env=env, capture_output=True).returncode == 0
+    straight = train_stage(preset_config("tiny", "pretrain", steps=40, eval_questions=8, **STEPS),
+                           tmp_path / "straight", quiet=True)
+    assert _equal(load(out), load(straight))
+    steps = [json.loads(r)["step"] for r in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+
+def test_resume_drops_a_torn_log_row_and_recovers_an_interrupted_replace(tmp_path):
+    cfg = preset_config("tiny", "pretrain", steps=6, eval_questions=8, **STEPS)
+    train_stage(cfg, tmp_path / "a", quiet=True)
+    straight = load(train_stage(preset_config("tiny", "pretrain", steps=8, eval_questions=8, **STEPS),
+                                tmp_path / "b", quiet=True))
+    with open(tmp_path / "a" / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')  # a row cut by a crash
+    ckpt = tmp_path / "a" / "checkpoint"
+    ckpt.rename(tmp_path / "a" / ".checkpoint.old")  # crash between the two renames of a replace
+    (tmp_path / "a" / ".checkpoint.x1y2").mkdir()
+    (tmp_path / "a" / ".checkpoint.x1y2" / "config.json").write_text("{")
+    assert load(tmp_path / "a").cfg.n_layers == 2 and ckpt.is_dir()  # load recovers it
+    ckpt.rename(tmp_path / "a" / ".checkpoint.old")
+    resumed = load(train_stage(preset_config("tiny", "pretrain", steps=8, eval_questions=8, **STEPS),
+                               tmp_path / "a", quiet=True, resume=True))
+    assert _equal(resumed, straight)
+    rows = [json.loads(r) for r in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    cfg = preset_config("tiny", "pretrain", steps=2, eval_questions=8, **STEPS)
+    t = Trainer(cfg, tmp_path, quiet=True)
+    t.run()
+    kept = load(tmp_path)
+    with torch.no_grad():
+        next(t.model.parameters())[0] = float("nan")
+    t.step += 1
+    with pytest.raises(FloatingPointError, match="is not finite.*last checkpoint .* is kept"):
+        t.save()
+    assert _equal(load(tmp_path), kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(FloatingPointError, match="not finite"):
+        save(t.model, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_save_never_deletes_a_users_folder_or_file(random_model, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a tsds_interp checkpoint"):
+        save(random_model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("keep me too")
+    with pytest.raises(ValueError, match="is a file"):
+        save(random_model, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep me too"
+    (tmp_path / "empty").mkdir()
+    save(random_model, tmp_path / "empty")
+    save(random_model, tmp_path / "empty")  # over a checkpoint: replaced
+    assert _equal(load(tmp_path / "empty"), random_model)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_modes_follow_the_umask(random_model, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        folder = save(random_model, tmp_path / "ckpt")
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    for f in folder.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
+
+
+def test_ctrl_c_during_patching_exits_130_with_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "tsds_interp.patch", "--out", str(out), "--pairs", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen, lines = threading.Event(), []
+
+    def read():
+        buf = ""
+        while ch := proc.stderr.read(1):
+            buf += ch
+            if "patching:" in buf:
+                seen.set()
+        lines.append(buf)
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert seen.wait(180), "the progress bar never appeared"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    reader.join(10)
+    err = lines[0].replace("\r", "\n")
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "interrupted; nothing more was written"
+    assert not out.exists()

@@ -186,3 +186,58 @@ def test_ship_damaged_records_refused_before_copying(world, dest, words, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
     assert _snapshot(world) == before and not (world / dest / "fresh").exists()
+
+
+def _library_cases(model):
+    from tsds_interp.ablation import ablation_sweep
+    from tsds_interp.metrics import verification_metrics
+    from tsds_interp.objectives import advantages
+    from tsds_interp.patch import run_patching
+    from tsds_interp.patching import activation_patch, attribution_patch
+    from tsds_interp.rollout import rollout
+    from tsds_interp.task import sample_questions
+    from tsds_interp.train import TrainConfig
+
+    tokens = torch.zeros(2, 7, dtype=torch.long)
+    metric = lambda logits: logits[:, -1, 0].mean()  # noqa: E731
+    q = sample_questions(TINY, "train", 4, seed=0)
+    return {
+        "grad_clip": (lambda: TrainConfig(grad_clip=-1.0), "--grad-clip", ["pretrain", "--grad-clip", "-1"]),
+        "width": (lambda: TaskConfig(width=10), None, None),
+        "n_layers": (lambda: ModelConfig(n_layers=2.5), None, None),
+        "shape": (lambda: attribution_patch(model, tokens, tokens[:, :-1], metric), None, None),
+        "shape_exact": (lambda: activation_patch(model, tokens, tokens[:, :-1], metric), None, None),
+        "direction": (lambda: attribution_patch(model, tokens, tokens, metric, direction="sideways"), None, None),
+        "batch_size": (lambda: rollout(model, q, batch_size=0), None, None),
+        "group": (lambda: advantages(torch.zeros(4), 1), None, None),
+        "pairs": (lambda: run_patching(model, "sampling", n_pairs=0), "--pairs", ["--pairs", "0"]),
+        "samples": (lambda: verification_metrics(model, samples=0), "--samples", ["--samples", "0"]),
+        "threshold": (lambda: ablation_sweep(model, threshold=float("nan")), "--threshold", ["--threshold", "nan"]),
+    }
+
+
+LIBRARY_WORDS = {"grad_clip": "must be a finite number in (0, 1000000], got -1.0",
+                 "width": "width must be an integer in [1, 9], got 10",
+                 "n_layers": "n_layers must be an integer in [1, 256], got 2.5",
+                 "shape": "must have the same shape", "shape_exact": "must have the same shape",
+                 "direction": "direction must be 'denoise' or 'noise'",
+                 "batch_size": "batch_size must be an integer in [1,",
+                 "group": "group must be >= 2", "pairs": "must be an integer in [1, 10000], got 0",
+                 "samples": "must be an integer in [1, 1024], got 0",
+                 "threshold": "must be a finite number in [0, 1], got nan"}
+CLI_OF = {"grad_clip": train, "pairs": patch, "samples": verify, "threshold": ablation}
+
+
+@pytest.mark.parametrize("case", list(LIBRARY_WORDS))
+def test_library_raises_value_error_with_the_cli_words(world, case, capsys):
+    model = build_model(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, task=TINY))
+    call, _, argv = _library_cases(model)[case]
+    with pytest.raises(ValueError) as e:
+        call()
+    assert LIBRARY_WORDS[case] in str(e.value)
+    if argv is not None:  # the flag feeding this argument fails with the same rule
+        argv = [argv[0], "--out", str(world / "new"), *argv[1:]] if case == "grad_clip" else \
+            ["--out", str(world / "new"), *argv]
+        assert CLI_OF[case].main(argv) == 2
+        err = capsys.readouterr().err
+        assert LIBRARY_WORDS[case] in err, err

@@ -22,7 +22,7 @@ def checkpoint_groups(labels: list[str], seed_runs: list[str] | None) -> dict[st
     groups = {label: [str(Path(r) / label / "checkpoint") for r in seed_runs] for label in labels}
     missing = [c for cs in groups.values() for c in cs if not Path(c).is_dir()]
     if missing:
-        raise SystemExit(f"error: no checkpoint at {missing[0]}; train it or drop that run from --seed-runs")
+        raise ValueError(f"no checkpoint at {missing[0]}; train it or drop that run from --seed-runs")
     return groups
 
 

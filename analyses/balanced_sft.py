@@ -10,7 +10,6 @@ the share of the SFT-to-RL gap closed), a figure and ``summary.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
+
+from tsds_interp import cli  # noqa: E402
 
 LABELS = ("sft", "sft_balanced", "rl")
 SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy", "within_auc@1")
@@ -46,12 +47,15 @@ def figure(agg: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> cli.Parser:
+    p = cli.Parser("python analyses/balanced_sft.py", __doc__.split("\n\n")[0])
     p.add_argument("--seed-runs", nargs="*", help="run folders holding sft/, sft_balanced/ and rl/")
-    p.add_argument("--questions", type=int, default=2048)
-    p.add_argument("--out", default="runs/analyses/balanced_sft")
-    args = p.parse_args(argv)
+    p.add_argument("--questions", type=cli.integer(1), default=2048)
+    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/balanced_sft")
+    return p
+
+
+def _run(args, argv=None) -> int:
     metrics = evaluate_groups(checkpoint_groups(list(LABELS), args.seed_runs), args.questions)
     agg = over_seeds(metrics[metrics.metric.isin(KEY_METRICS)])
     gaps = gap_closed(agg)
@@ -75,6 +79,9 @@ def main(argv=None) -> int:
     print(text)
     return 0
 
+
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args: _run(args, argv), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,6 @@ graph per model and function. Writes ``node_scores.csv``, ``edges.csv``, ``graph
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from _common import checkpoint_groups, fmt, over_seeds  # noqa: E402
 
+from tsds_interp import cli
 from tsds_interp.circuits import (  # noqa: E402
     dissociation,
     edge_scores,
@@ -112,22 +112,25 @@ def figure(effects: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> cli.Parser:
+    p = cli.Parser("python analyses/circuit_dissociation.py", __doc__.split("\n\n")[0])
     p.add_argument("--seed-runs", nargs="*", help="run folders holding LABEL/checkpoint; default: shipped models")
     p.add_argument("--labels", nargs="+", default=["sft", "rl"])
-    p.add_argument("--pairs", type=int, default=32)
-    p.add_argument("--questions", type=int, default=256, help="rollout questions per component ablation")
-    p.add_argument("--eval-questions", type=int, default=1024)
-    p.add_argument("--samples", type=int, default=64, help="own samples per decision question")
-    p.add_argument("--k", type=int, default=3, help="largest circuit size")
-    p.add_argument("--margin", type=float, default=0.25)
-    p.add_argument("--controls", type=int, default=2, help="random component sets per size")
-    p.add_argument("--graph-edges", type=int, default=12, help="edges drawn per circuit graph")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/analyses/circuit_dissociation",
+    p.add_argument("--pairs", type=cli.integer(1), default=32)
+    p.add_argument("--questions", type=cli.integer(1), default=256, help="rollout questions per component ablation")
+    p.add_argument("--eval-questions", type=cli.integer(1), default=1024)
+    p.add_argument("--samples", type=cli.integer(1), default=64, help="own samples per decision question")
+    p.add_argument("--k", type=cli.integer(1), default=3, help="largest circuit size")
+    p.add_argument("--margin", type=cli.real(0, 1), default=0.25)
+    p.add_argument("--controls", type=cli.integer(1), default=2, help="random component sets per size")
+    p.add_argument("--graph-edges", type=cli.integer(1), default=12, help="edges drawn per circuit graph")
+    p.add_argument("--seed", type=cli.SEED, default=0)
+    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/circuit_dissociation",
                    help="output folder; per-model results are kept in OUT/parts, so a rerun resumes")
-    args = p.parse_args(argv)
+    return p
+
+
+def _run(args, argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     all_scores, infos, all_effects, all_edges = [], [], [], []
@@ -178,6 +181,9 @@ def main(argv=None) -> int:
     print(text)
     return 0
 
+
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args: _run(args, argv), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

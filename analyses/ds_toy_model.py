@@ -8,7 +8,6 @@ stage), ``ds_toy_model.png`` (six panels) and ``summary.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from tsds_interp import cli
 from tsds_interp.theory import OBJECTIVES, PAPER_INIT, Toy, simulate, stage_gradient_means  # noqa: E402
 
 STYLE = {"surrogate": "-", "kl_penalty": "--"}
@@ -89,16 +89,18 @@ def summary(runs: pd.DataFrame, means: pd.DataFrame, args) -> str:
     ])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=10_000)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--beta", type=float, default=0.1, help="KL coefficient")
-    p.add_argument("--budget", type=int, default=3, help="attempt budget K")
-    p.add_argument("--sample-tokens", type=int, default=6, help="tokens per candidate carrying the KL")
-    p.add_argument("--out", default="runs/analyses/ds_toy_model")
-    args = p.parse_args(argv)
+def _parser() -> cli.Parser:
+    p = cli.Parser("python analyses/ds_toy_model.py", __doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=cli.integer(1), default=10_000)
+    p.add_argument("--lr", type=cli.real(0, 10, lo_open=True), default=0.1)
+    p.add_argument("--beta", type=cli.real(0, 1000), default=0.1, help="KL coefficient")
+    p.add_argument("--budget", type=cli.integer(1), default=3, help="attempt budget K")
+    p.add_argument("--sample-tokens", type=cli.integer(1), default=6, help="tokens per candidate carrying the KL")
+    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/ds_toy_model")
+    return p
+
+
+def _run(args, argv=None) -> int:
     try:
         toy = Toy(budget=args.budget, sample_tokens=args.sample_tokens)
         if args.steps < 1 or args.lr <= 0 or args.beta < 0:
@@ -120,6 +122,9 @@ def main(argv=None) -> int:
     print(f"wrote {out}/toy_runs.csv, stage_gradients.csv, ds_toy_model.png, summary.md")
     return 0
 
+
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args: _run(args, argv), argv)
 
 if __name__ == "__main__":
     np.seterr(all="raise")

@@ -13,7 +13,6 @@ Writes ``attribution.csv``, ``imbalance.csv``, ``gradient_mass_<model>.png``,
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,18 +21,22 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import fmt, over_seeds  # noqa: E402
 
+from tsds_interp import cli  # noqa: E402
 from tsds_interp.attribution import attribute_all, default_batches, head_decision_share, summarize  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.plotting import gradient_mass_bars, head_share_heatmap  # noqa: E402
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> cli.Parser:
+    p = cli.Parser("python analyses/gradient_attribution.py", __doc__.split("\n\n")[0])
     p.add_argument("--checkpoints", nargs="+", default=["rl:sft", "sft:base"], help="MODEL:REF pairs")
-    p.add_argument("--questions", type=int, default=64)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default="runs/analyses/gradient_attribution")
-    args = p.parse_args(argv)
+    p.add_argument("--questions", type=cli.integer(1), default=64)
+    p.add_argument("--seeds", type=cli.SEED, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/gradient_attribution")
+    return p
+
+
+def _run(args, argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frames, tables = [], []
@@ -69,6 +72,9 @@ def main(argv=None) -> int:
     print(text)
     return 0
 
+
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args: _run(args, argv), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

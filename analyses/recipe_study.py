@@ -12,7 +12,6 @@ time read from the stage's ``log.jsonl``. Writes ``recipes.csv`` and ``summary.m
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import fmt  # noqa: E402
 
+from tsds_interp import cli  # noqa: E402
 from tsds_interp.metrics import collect_verification, ds_metrics, hard_cells, verification_table  # noqa: E402
 from tsds_interp.model import config_of, load, resolve_checkpoint  # noqa: E402
 from tsds_interp.rollout import rollout  # noqa: E402
@@ -79,12 +79,15 @@ def summary(df: pd.DataFrame, command: str) -> str:
                       "realized - first-attempt accuracy.", "", table.to_markdown(index=False), ""])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> cli.Parser:
+    p = cli.Parser("python analyses/recipe_study.py", __doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="LABEL=stage folder, checkpoint folder or shipped name")
-    p.add_argument("--questions", type=int, default=1200, help="held-out hard-cell questions per model")
-    p.add_argument("--out", default="runs/analyses/recipe_study")
-    args = p.parse_args(argv)
+    p.add_argument("--questions", type=cli.integer(1), default=1200, help="held-out hard-cell questions per model")
+    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/recipe_study")
+    return p
+
+
+def _run(args, argv=None) -> int:
     pairs = [m.split("=", 1) if "=" in m else (m, m) for m in args.models]
     df = pd.DataFrame([row for label, where in pairs for row in evaluate(label, where, args.questions)])
     out = Path(args.out)
@@ -95,6 +98,9 @@ def main(argv=None) -> int:
     print(text)
     return 0
 
+
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args: _run(args, argv), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,6 @@ Writes ``metrics.csv`` (every model), ``anatomy.csv`` (mean and 95% interval), `
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import pandas as pd  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
 
+from tsds_interp import cli  # noqa: E402
 from tsds_interp.metrics import gain_decomposition  # noqa: E402
 
 SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy", "within_auc@1")
@@ -74,12 +74,15 @@ def summary(anatomy: pd.DataFrame, dec: pd.DataFrame, command: str) -> str:
         dtable[["total", "sampling", "decision"]].to_markdown(), ""])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> cli.Parser:
+    p = cli.Parser("python analyses/reflection_anatomy.py", __doc__.split("\n\n")[0])
     p.add_argument("--seed-runs", nargs="*", help="run folders holding sft/ and rl/ (one per seed)")
-    p.add_argument("--questions", type=int, default=2048, help="held-out test questions per model")
-    p.add_argument("--out", default="runs/analyses/reflection_anatomy")
-    args = p.parse_args(argv)
+    p.add_argument("--questions", type=cli.integer(1), default=2048, help="held-out test questions per model")
+    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/reflection_anatomy")
+    return p
+
+
+def _run(args, argv=None) -> int:
     metrics = evaluate_groups(checkpoint_groups(["sft", "rl"], args.seed_runs), args.questions)
     anatomy = over_seeds(metrics[metrics.metric.isin(KEY_METRICS)])
     dec = decomposition(metrics)
@@ -94,6 +97,9 @@ def main(argv=None) -> int:
     print(text)
     return 0
 
+
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args: _run(args, argv), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,6 @@ Writes ``weight_change.csv``, ``transplant.csv``, ``where_rl_changed.png`` and `
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from _common import checkpoint_groups, fmt, over_seeds  # noqa: E402
 
+from tsds_interp import cli
 from tsds_interp.ablation import rollout_with_hooks, transplant_hooks  # noqa: E402
 from tsds_interp.attribution import parameter_groups  # noqa: E402
 from tsds_interp.circuits import by_label  # noqa: E402
@@ -106,16 +106,19 @@ def seed_study(sft, rl, named: dict[str, list[str]], scores: pd.DataFrame, args
     return change, row, transplant(sft, rl, named, args.questions, args.samples)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _parser() -> cli.Parser:
+    p = cli.Parser("python analyses/where_rl_changed.py", __doc__.split("\n\n")[0])
     p.add_argument("--seed-runs", nargs="*", help="run folders holding sft/ and rl/ checkpoints; default: shipped")
     p.add_argument("--from", dest="source", default="runs/analyses/circuit_dissociation",
                    help="output folder of analyses/circuit_dissociation.py (circuits.csv, node_scores.csv)")
-    p.add_argument("--questions", type=int, default=1024)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--out", default="runs/analyses/where_rl_changed",
+    p.add_argument("--questions", type=cli.integer(1), default=1024)
+    p.add_argument("--samples", type=cli.integer(1), default=8)
+    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/where_rl_changed",
                    help="output folder; per-seed results are kept in OUT/parts, so a rerun resumes")
-    args = p.parse_args(argv)
+    return p
+
+
+def _run(args, argv=None) -> int:
     src = Path(args.source) / "parts"
     out = Path(args.out)
     (out / "parts").mkdir(parents=True, exist_ok=True)
@@ -180,6 +183,9 @@ def main(argv=None) -> int:
     print(text)
     return 0
 
+
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args: _run(args, argv), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

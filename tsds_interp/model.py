@@ -191,13 +191,16 @@ def write_checkpoint_files(model, folder: Path, extra: dict | None = None) -> No
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
 
 
-def apply_umask(folder: Path) -> None:
-    """Give ``folder`` and its files the modes the user's umask gives new files (``mkdtemp`` and
-    safetensors create them private)."""
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (a file, or a folder and its files) the modes the user's umask gives new
+    files (``mkdtemp`` and safetensors create them private)."""
     mask = os.umask(0)
     os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for f in folder.iterdir():
+    if path.is_file():
+        path.chmod(0o666 & ~mask)
+        return
+    path.chmod(0o777 & ~mask)
+    for f in path.iterdir():
         if f.is_file():
             f.chmod(0o666 & ~mask)
 

@@ -37,6 +37,7 @@ from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import (
     CheckpointError,
     ModelConfig,
+    apply_umask,
     autocast,
     build_model,
     checkpoint_config,
@@ -605,6 +606,7 @@ class Trainer:
             return data
         tmp = path.with_suffix(".tmp")
         save_file({"tokens": data}, str(tmp))
+        apply_umask(tmp)
         tmp.rename(path)
         return data
 

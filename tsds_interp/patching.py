@@ -30,8 +30,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tsds_interp import checks
+from tsds_interp.forward import OwnWeights, use_own_weights
 from tsds_interp.metrics import _boot_mean, _paired, decision_scores, score_candidates
-from tsds_interp.rollout import CachedStepper, rollout
+from tsds_interp.rollout import rollout
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
@@ -286,7 +287,7 @@ def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
     check_contrast(clean, corrupted, direction)
     checks.number("memory_mb", memory_mb, lo=0, hi=1e7, lo_open=True)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    if grid == "head_pos" and _PrefixReuse.supports(model):
+    if grid == "head_pos" and use_own_weights(model, "head_pos patching"):
         return _PrefixReuse(model).head_pos(base, source, metric, memory_mb)
     cfg = model.cfg
     names = [hook_name(grid, layer) for layer in range(cfg.n_layers)]
@@ -296,10 +297,11 @@ def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
     _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
     _, base_cache = model.run_with_cache(base, names_filter=lambda n: n in resid)
     B, T = base.shape
-    # Before the first position where any pair differs, both runs are identical: patching there
-    # is a no-op, so those cells take the base run's metric without a forward pass.
+    # With causal attention, before the first position where any pair differs both runs are
+    # identical: patching there is a no-op, so those cells take the base run's metric unrun.
     differs = (clean != corrupted).any(0).nonzero()
-    first_diff = int(differs[0]) if len(differs) else T
+    causal = getattr(cfg, "attention_dir", "causal") == "causal"
+    first_diff = T if not len(differs) else (int(differs[0]) if causal else 0)
     all_cells = _cells(axes, T, cfg.n_heads)
     live = [i for i, c in enumerate(all_cells) if "pos" not in axes or c[0] >= first_diff]
     cells = [all_cells[i] for i in live]
@@ -332,63 +334,64 @@ class _PrefixReuse:
     causal attention, every position before p as in the base run. So each patched variant starts
     from the base run's residual stream at layer l, recomputes positions p.. only, and attends to
     the base run's cached keys and values for positions before p. It runs the model's own weights
-    (the native layout :class:`tsds_interp.rollout.CachedStepper` runs); results equal the hooked
-    model's to float rounding (tested against ``transformer_lens.patching``).
+    (:mod:`tsds_interp.forward`, which refuses models it does not reproduce exactly); results equal
+    the hooked model's to float rounding (tested against ``transformer_lens.patching``).
     """
 
     def __init__(self, model):
-        self.w = CachedStepper(model, 0, 0)
+        self.own = OwnWeights(model)
         self.cfg = model.cfg
 
-    @staticmethod
-    def supports(model) -> bool:
-        keys = model.state_dict().keys()
-        return ({"embed.weight", "pos_embed.weight", "blocks.0.attn.q.weight", "ln_final.weight"} <= set(keys)
-                and getattr(model.cfg, "positional_embedding_type", "standard") == "standard")
-
-    def _block(self, x: Tensor, layer: int, k_prefix: Tensor | None = None, v_prefix: Tensor | None = None,
-               z_patch=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One block on the positions after the prefix, whose keys and values are given."""
-        kv = (lambda k, v: (k, v)) if k_prefix is None else (
-            lambda k, v: (torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2)))
-        return self.w.block(x, layer, kv, z_patch)
-
     def _run(self, tokens: Tensor) -> tuple[list, list, list, list, Tensor]:
-        w = self.w.w
-        x = w["embed.weight"][tokens] + w["pos_embed.weight"][: tokens.shape[1]]
+        x = self.own.embed(tokens)
         resid, ks, vs, zs = [], [], [], []
         for layer in range(self.cfg.n_layers):
             resid.append(x)
-            x, k, v, z = self._block(x, layer)
+            x, k, v, z = self.own.block(x, layer)
             ks.append(k), vs.append(v), zs.append(z)
-        return resid, ks, vs, zs, self.w._lin(self.w._ln(x, "ln_final"), "unembed")
+        return resid, ks, vs, zs, self.own.unembed(x)
+
+    def _heads_per_batch(self, B: int, T: int, memory_mb: float) -> int:
+        cfg = self.cfg
+        bytes_per_variant = 4 * B * T * (cfg.d_model * 12 + cfg.n_heads * T + cfg.d_vocab)
+        return max(1, min(cfg.n_heads, int(memory_mb * 2**20 // bytes_per_variant)))
 
     @torch.no_grad()
     def head_pos(self, base: Tensor, source: Tensor, metric: Metric, memory_mb: float) -> Tensor:
-        cfg = self.cfg
-        n_heads, n_layers = cfg.n_heads, cfg.n_layers
-        resid, ks, vs, zs, base_logits = self._run(base)
-        src_z = self._run(source)[3]
+        n_heads, n_layers = self.cfg.n_heads, self.cfg.n_layers
+        self.resid, self.ks, self.vs, _, self.base_logits = self._run(base)
+        self.src_z = self._run(source)[3]
         B, T = base.shape
-        out = torch.full((n_layers, T, n_heads), float(metric(base_logits)))
+        out = torch.full((n_layers, T, n_heads), float(metric(self.base_logits)))
         differs = (base != source).any(0).nonzero()
         first = int(differs[0]) if len(differs) else T
-        rep = lambda t: t.repeat(n_heads, *([1] * (t.dim() - 1)))
-        heads = torch.arange(n_heads)
+        chunk = self._heads_per_batch(B, T, memory_mb)
         for layer in range(n_layers):
             for pos in range(first, T):
-                def patch(z, layer=layer, pos=pos):  # variant h takes the source's head h at pos
-                    z = z.clone().view(n_heads, B, *z.shape[1:])
-                    z[heads, :, heads, 0] = src_z[layer][:, :, pos].permute(1, 0, 2)
-                    return z.view(-1, *z.shape[2:])
-                x = rep(resid[layer][:, pos:])
-                x = self._block(x, layer, rep(ks[layer][:, :, :pos]), rep(vs[layer][:, :, :pos]), patch)[0]
-                for later in range(layer + 1, n_layers):
-                    x = self._block(x, later, rep(ks[later][:, :, :pos]), rep(vs[later][:, :, :pos]))[0]
-                logits = self.w._lin(self.w._ln(x, "ln_final"), "unembed")
-                logits = torch.cat([rep(base_logits[:, :pos]), logits], 1).view(n_heads, B, T, -1)
-                out[layer, pos] = torch.stack([metric(lg) for lg in logits]).float()
+                for start in range(0, n_heads, chunk):
+                    heads = torch.arange(start, min(start + chunk, n_heads))
+                    out[layer, pos, heads] = self._variants(layer, pos, heads, metric)
         return out
+
+    def _variants(self, layer: int, pos: int, heads: Tensor, metric: Metric) -> Tensor:
+        """The metric with each of ``heads`` at (``layer``, ``pos``) taking the source's output."""
+        n, (B, T) = len(heads), self.base_logits.shape[:2]
+        rep = lambda t: t.repeat(n, *([1] * (t.dim() - 1)))
+        rows = torch.arange(n)
+
+        def patch(z):  # variant i takes the source's head heads[i] at pos
+            z = z.clone().view(n, B, *z.shape[1:])
+            z[rows, :, heads, 0] = self.src_z[layer][:, heads, pos].permute(1, 0, 2)
+            return z.view(-1, *z.shape[2:])
+
+        def prefix(layer):  # the base run's keys and values before pos
+            k_prefix, v_prefix = rep(self.ks[layer][:, :, :pos]), rep(self.vs[layer][:, :, :pos])
+            return lambda k, v: (torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2))
+        x = self.own.block(rep(self.resid[layer][:, pos:]), layer, prefix(layer), patch)[0]
+        for later in range(layer + 1, self.cfg.n_layers):
+            x = self.own.block(x, later, prefix(later))[0]
+        logits = torch.cat([rep(self.base_logits[:, :pos]), self.own.unembed(x)], 1).view(n, B, T, -1)
+        return torch.stack([metric(lg) for lg in logits]).float()
 
 
 # ---------------------------------------------------------------- attribution patching

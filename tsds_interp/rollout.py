@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from tsds_interp import checks
+from tsds_interp.forward import KVCache, use_own_weights
 from tsds_interp.model import config_of
 from tsds_interp.task import (
     ACCEPT,
@@ -78,81 +78,6 @@ class Rollouts:
 
 # ---------------------------------------------------------------- steppers
 
-class CachedStepper:
-    """Runs the model's own weights with a key/value cache: one position per step."""
-
-    def __init__(self, model, batch: int, max_len: int):
-        self.cfg = model.cfg
-        sd = model.state_dict()
-        self.w = {k: v.detach() for k, v in sd.items()}
-        self.n_layers, self.n_heads, self.d_head = self.cfg.n_layers, self.cfg.n_heads, self.cfg.d_head
-        act = self.cfg.act_fn
-        self.act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu,
-                    "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[act]
-        dev = self.w["embed.weight"].device
-        shape = (batch, self.n_heads, max_len, self.d_head)
-        self.k = [torch.empty(shape, device=dev) for _ in range(self.n_layers)]
-        self.v = [torch.empty(shape, device=dev) for _ in range(self.n_layers)]
-        self.len = 0
-
-    def _ln(self, x, name):
-        return F.layer_norm(x, x.shape[-1:], self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg.eps)
-
-    def _lin(self, x, name):
-        return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
-
-    def block(self, x: Float[Tensor, "batch new d_model"], layer: int, kv, z_patch=None
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """One transformer block on ``new`` positions. ``kv(k, v) -> (keys, vals)`` supplies all
-        keys and values up to these positions (e.g. a cache with these written in); ``z_patch``
-        may edit the heads' outputs ``z [batch, head, new, d_head]``. Returns ``(x, k, v, z)``."""
-        n, new, _ = x.shape
-        p = f"blocks.{layer}"
-        split = lambda t: t.view(n, new, self.n_heads, self.d_head).transpose(1, 2)
-        h = self._ln(x, f"{p}.ln1")
-        q, k, v = (split(self._lin(h, f"{p}.attn.{m}")) for m in "qkv")
-        keys, vals = kv(k, v)
-        end = keys.shape[2]
-        scores = q @ keys.transpose(-1, -2) / self.d_head**0.5
-        if new > 1:
-            mask = torch.ones(new, end, dtype=torch.bool, device=x.device).triu(end - new + 1)
-            scores = scores.masked_fill(mask, float("-inf"))
-        z = scores.softmax(-1) @ vals
-        if z_patch is not None:
-            z = z_patch(z)
-        x = x + self._lin(z.transpose(1, 2).reshape(n, new, -1), f"{p}.attn.o")
-        h = self._ln(x, f"{p}.ln2")
-        x = x + self._lin(self.act(self._lin(h, f"{p}.mlp.in")), f"{p}.mlp.out")
-        return x, k, v, z
-
-    def _forward(self, tokens: Int[Tensor, "batch new"]) -> Float[Tensor, "batch vocab"]:
-        n, new = tokens.shape
-        start, end = self.len, self.len + new
-        x = self.w["embed.weight"][tokens] + self.w["pos_embed.weight"][start:end]
-        for layer in range(self.n_layers):
-            def write(k, v, layer=layer):
-                self.k[layer][:n, :, start:end] = k
-                self.v[layer][:n, :, start:end] = v
-                return self.k[layer][:n, :, :end], self.v[layer][:n, :, :end]
-            x = self.block(x, layer, write)[0]
-        x = self._ln(x[:, -1], "ln_final")
-        self.len = end
-        return self._lin(x, "unembed")
-
-    def prefill(self, prompt: Int[Tensor, "batch p"]) -> Float[Tensor, "batch vocab"]:
-        return self._forward(prompt)
-
-    def step(self, token: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
-        return self._forward(token[:, None])
-
-    def keep(self, rows: Bool[Tensor, " batch"]) -> None:
-        n = rows.shape[0]
-        for cache in (self.k, self.v):
-            for layer in range(self.n_layers):
-                kept = cache[layer][:n][rows]
-                cache[layer][: kept.shape[0]] = kept
-
-
 class UncachedStepper:
     """Reference decoder: re-runs the hooked model on the whole prefix for every token."""
 
@@ -193,7 +118,9 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
     """Reflective episodes for ``questions``.
 
     ``temperature`` applies to sample tokens, ``decision_temperature`` (default: the same) to
-    decision tokens; 0 is greedy. ``budget`` overrides the task's attempt budget. ``cached=False``
+    decision tokens; 0 is greedy. ``budget`` overrides the task's attempt budget. ``cached=True``
+    decodes with a key/value cache on the model's own weights where :mod:`tsds_interp.forward` allows
+    it (else through the hooked model); ``cached=False``
     decodes without a KV cache through the hooked model (the reference the cache is tested against).
     ``rows`` rolls out only those rows of ``questions``, with the random draws they get in the full
     batch (how data-parallel processes split one batch and still match a single process).
@@ -234,7 +161,8 @@ def _rollout_batch(model, q: Questions, uniforms, task: TaskConfig, temp: float,
     malformed = torch.zeros(n, dtype=torch.bool, device=device)
     active = torch.arange(n, device=device)
     uniforms = uniforms.to(device)
-    stepper = (CachedStepper if cached else UncachedStepper)(model, n, task.max_len)
+    own = cached and use_own_weights(model, "rollout")
+    stepper = (KVCache if own else UncachedStepper)(model, n, task.max_len)
     logits = stepper.prefill(tokens[:, :P])
     for t in range(K * task.attempt_len):
         pos, attempt, offset = P + t, t // task.attempt_len, t % task.attempt_len
@@ -283,5 +211,5 @@ def _summarize(q: Questions, tokens, logprobs, decisions, malformed, task: TaskC
                     n_attempts=n_attempts, malformed=malformed, final_correct=final_correct)
 
 
-__all__ = ["Rollouts", "rollout", "sample_tokens", "CachedStepper", "UncachedStepper",
+__all__ = ["Rollouts", "rollout", "sample_tokens", "UncachedStepper",
            "ACCEPTED", "REJECTED", "INVALID", "NOT_REACHED"]

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from tsds_interp import checks, cli
 from tsds_interp.data import reflective_sft_data, solution_batch, verification_data
+from tsds_interp.forward import fast_forward, refusal
 from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import (
     CheckpointError,
@@ -226,6 +227,11 @@ def preset_config(preset: str, stage: str, **overrides) -> TrainConfig:
 
 # ---------------------------------------------------------------- optimizer state as safetensors
 
+def adamw(params, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW, with the fused (one kernel for all parameters) implementation."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def _lr_lambda(cfg: TrainConfig, total: int):
     def f(step: int) -> float:
         if step < cfg.warmup:
@@ -346,10 +352,12 @@ class Trainer:
             self.dist.shard(cfg.questions_per_step, "--questions-per-step")
         else:
             self.dist.shard(cfg.batch_size, "--batch-size")
-        self.net = DDP(self.model) if self.dist.world > 1 else self.model
+        self.forward = fast_forward(self.model, "training")  # own weights where exact, else hooked
+        self.ref_forward = fast_forward(self.ref, "reference") if self.ref is not None else None
+        self.net = DDP(self.forward) if self.dist.world > 1 else self.forward
         self.updates_per_step = cfg.ppo_epochs if cfg.stage == "rl" else 1
         total = cfg.steps * self.updates_per_step
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adamw(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, total))
         self.step = 0
         self.eval_q = sample_questions(self.task, "test", cfg.eval_questions, seed=10_007)
@@ -468,8 +476,8 @@ class Trainer:
                     seed=_step_seed(cfg.seed, self.step, 2), rows=self.dist.shard(len(q), "the rollout batch"))
         tokens, roles = r.tokens.to(cfg.device), r.roles.to(cfg.device)
         with torch.no_grad():
-            old_logp, _ = token_logprobs(self.model, tokens)
-            ref_logp, _ = token_logprobs(self.ref, tokens)
+            old_logp, _ = token_logprobs(self.forward, tokens)
+            ref_logp, _ = token_logprobs(self.ref_forward, tokens)
         reward = discounted_reward(r.reward, r.n_attempts, cfg.discount).to(cfg.device)
         adv = advantages(reward, cfg.group, cfg.advantage)
         n = len(q)
@@ -549,6 +557,7 @@ class Trainer:
         if main:
             (self.out / "run.json").write_text(json.dumps(
                 {"config": dataclasses.asdict(cfg), "init": str(self.init), "ref": str(self.ref_path),
+                 "forward": "own weights" if self.forward is not self.model else f"hooked ({refusal(self.model)})",
                  "world_size": self.dist.world, "versions": run_versions()}, indent=2))
         start_time = time.time()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, disable=self.quiet)

@@ -94,14 +94,25 @@ def weight_names(n_layers: int) -> set[str]:
 
 
 def hooks_attached(model) -> bool:
-    """Whether any forward or backward hook is attached to the model (or globally to modules)."""
+    """Whether a user's hook is attached: any hook on a hook point (TransformerLens's ``add_hook``,
+    ``hooks()``, ``run_with_hooks``), any other module hook not installed by TransformerLens itself
+    (the bridge wires capture hooks into its blocks), or a global module hook."""
     from torch.nn.modules import module as nn_module
+    from transformer_lens.hook_points import HookPoint
 
     if any(getattr(nn_module, g) for g in ("_global_forward_hooks", "_global_forward_pre_hooks",
                                            "_global_backward_hooks", "_global_backward_pre_hooks")):
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-               for m in model.modules())
+    for m in model.modules():
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values(), *m._backward_hooks.values(),
+                 *m._backward_pre_hooks.values()]
+        if hooks and (isinstance(m, HookPoint) or any(not _library_hook(h) for h in hooks)):
+            return True
+    return False
+
+
+def _library_hook(fn) -> bool:
+    return getattr(fn, "__module__", "").startswith("transformer_lens.")
 
 
 def refusal(model) -> str | None:

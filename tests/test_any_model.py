@@ -1,0 +1,174 @@
+"""The library on TransformerBridge models of many configurations: every patching grid in both
+directions equals ``transformer_lens.patching``, attribution patching equals TransformerLens's
+``attribution_patch``, cached rollouts equal uncached ones, and the own-weights fast path is taken
+exactly where it reproduces the model (asserted per configuration) and never past a user's hook."""
+
+import os
+
+import pytest
+import torch
+import transformer_lens.model_bridge.sources  # noqa: F401
+import transformer_lens.patching as tlp
+from transformer_lens.config import TransformerBridgeConfig
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attribution_patch
+
+from tsds_interp.forward import OwnForward, fast_forward, refusal
+from tsds_interp.patching import activation_patch, attribution_patch
+from tsds_interp.rollout import rollout
+from tsds_interp.task import VOCAB, TaskConfig, sample_questions
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # transformer_lens.patching's progress bars
+TASK = TaskConfig(width=1, budget=2, train_cells=((1, 1),), ood_cells=())
+BASE = dict(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=TASK.max_len, d_vocab=len(VOCAB), act_fn="gelu",
+            seed=0, model_name="matrix")
+# name: (config changes, None = the own-weights path is taken, else a word of the refusal)
+CONFIGS = {
+    "native": ({}, None),
+    "d_head_6": (dict(d_head=6), None),
+    "one_layer_relu": (dict(n_layers=1, act_fn="relu"), None),
+    "gelu_new": (dict(act_fn="gelu_new"), None),
+    "attn_scale_2": (dict(attn_scale=2.0), "attn_scale"),
+    "score_soft_cap": (dict(attn_scores_soft_cap=5.0), "attn_scores_soft_cap"),
+    "logit_soft_cap": (dict(output_logits_soft_cap=3.0), "output_logits_soft_cap"),
+    "bidirectional": (dict(attention_dir="bidirectional"), "attention_dir"),
+    "rms": (dict(normalization_type="RMS"), "normalization_type"),
+    "ln_pre": (dict(normalization_type="LNPre"), "normalization_type"),
+    "no_norm": (dict(normalization_type=None), "normalization_type"),
+    "final_rms": (dict(normalization_type="RMS", final_rms=True), "final_rms"),
+    "attn_only": (dict(attn_only=True), "attn_only"),
+    "grouped_query": (dict(n_key_value_heads=2), "n_key_value_heads"),
+    "gated_silu": (dict(gated_mlp=True, act_fn="silu"), "gated_mlp"),
+    "swish": (dict(act_fn="swish"), "act_fn"),
+    "rotary": (dict(positional_embedding_type="rotary", rotary_dim=8), "positional_embedding_type"),
+    "parallel": (dict(parallel_attn_mlp=True), "parallel_attn_mlp"),
+}
+TL_GRIDS = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
+            "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
+            "head_pos": tlp.get_act_patch_attn_head_out_by_pos}
+
+
+def build(name: str):
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**{**BASE, **CONFIGS[name][0]}))
+    model.eval()
+    return model
+
+
+def pairs(T: int = 9):
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(0, len(VOCAB), (2, T), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, 4] = (corrupted[:, 4] + 1) % len(VOCAB)
+    return clean, corrupted
+
+
+def metric(logits):
+    return (logits[:, -1, 3] - logits[:, -1, 5]).mean()
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model(request):
+    return request.param, build(request.param)
+
+
+def test_the_fast_path_is_taken_exactly_where_it_is_exact(model):
+    name, m = model
+    m(pairs()[0])  # the bridge wires its own capture hooks on the first run: not a user's hook
+    expected = CONFIGS[name][1]
+    reason = refusal(m)
+    assert reason is None if expected is None else expected in reason, reason
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_every_grid_equals_transformer_lens(model, direction):
+    name, m = model
+    clean, corrupted = pairs()
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    _, source_cache = m.run_with_cache(source)
+    for grid, reference in TL_GRIDS.items():
+        if grid == "mlp_out" and name == "attn_only":
+            continue
+        ours = activation_patch(m, clean, corrupted, metric, grid, direction)
+        theirs = reference(m, base, source_cache, metric)
+        assert ours.shape == theirs.shape, grid
+        assert torch.allclose(ours, theirs, atol=1e-4), (grid, float((ours - theirs).abs().max()))
+
+
+def test_attribution_patching_equals_transformer_lens(model):
+    name, m = model
+    if name == "attn_only":
+        pytest.skip("TransformerLens's attribution_patch needs an MLP in every block")
+    clean, corrupted = pairs()
+    theirs = tl_attribution_patch(m, clean, corrupted, lambda lg: lg[0, -1, 3] - lg[0, -1, 5]).node_scores
+    heads = attribution_patch(m, clean, corrupted, metric, "head_pos")
+    mlps = attribution_patch(m, clean, corrupted, metric, "mlp_out")
+    checked = 0
+    for node, score in theirs.items():
+        if node.kind == "attn_head_out":
+            assert abs(float(heads[node.layer, node.position, node.head]) - score) < 1e-4, node
+        elif node.kind == "mlp_out":
+            assert abs(float(mlps[node.layer, node.position]) - score) < 1e-4, node
+        else:
+            continue
+        checked += 1
+    assert checked == m.cfg.n_layers * clean.shape[1] * (m.cfg.n_heads + 1)
+
+
+def test_cached_rollouts_equal_uncached(model):
+    _, m = model
+    q = sample_questions(TASK, "train", 16, seed=0)
+    kw = dict(task=TASK, temperature=1.0, seed=3)
+    cached, uncached = rollout(m, q, cached=True, **kw), rollout(m, q, cached=False, **kw)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    assert torch.allclose(cached.logprobs, uncached.logprobs, atol=1e-4)
+
+
+def test_a_user_hook_changes_our_results_as_it_changes_transformer_lenss():
+    m = build("native")
+    clean, corrupted = pairs()
+    before = activation_patch(m, clean, corrupted, metric, "head_pos")
+
+    def zero_head_1(z, hook):
+        z[:, :, 1] = 0
+        return z
+    m.add_hook("blocks.0.attn.hook_z", zero_head_1, is_permanent=True)
+    try:
+        assert refusal(m) == "hooks are attached to the model"
+        _, source_cache = m.run_with_cache(clean)
+        for grid, reference in TL_GRIDS.items():
+            ours = activation_patch(m, clean, corrupted, metric, grid)
+            assert torch.allclose(ours, reference(m, corrupted, source_cache, metric), atol=1e-4), grid
+        assert not torch.allclose(activation_patch(m, clean, corrupted, metric, "head_pos"), before, atol=1e-3)
+        q = sample_questions(TASK, "train", 16, seed=0)
+        kw = dict(task=TASK, temperature=1.0, seed=3)
+        assert torch.equal(rollout(m, q, cached=True, **kw).tokens, rollout(m, q, cached=False, **kw).tokens)
+        with torch.no_grad():
+            assert torch.equal(OwnForward(m)(clean), m(clean))  # the training forward honours it too
+    finally:
+        m.reset_hooks(including_permanent=True)
+    assert refusal(m) is None
+
+
+def test_own_forward_gradients_equal_the_hooked_forwards(model):
+    name, m = model
+    tokens = pairs()[0]
+    own = fast_forward(m)
+    assert (own is m) == (CONFIGS[name][1] is not None)
+    grads = []
+    for forward in (m, own):
+        m.zero_grad(set_to_none=True)
+        forward(tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None]).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+    m.zero_grad(set_to_none=True)
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-5), (name, k)
+
+
+def test_memory_mb_bounds_the_prefix_reuse_path():
+    from tsds_interp.patching import _PrefixReuse
+
+    m = build("native")
+    clean, corrupted = pairs()
+    assert _PrefixReuse(m)._heads_per_batch(2, 9, 1e-6) == 1 and _PrefixReuse(m)._heads_per_batch(2, 9, 1e3) == 4
+    small = activation_patch(m, clean, corrupted, metric, "head_pos", memory_mb=1e-6)
+    assert torch.allclose(small, activation_patch(m, clean, corrupted, metric, "head_pos"), atol=1e-6)

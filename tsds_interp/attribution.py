@@ -122,7 +122,8 @@ def parameter_groups(model) -> list[tuple[str, int, int, str, callable]]:
     """``(component, layer, head, parameter name, slicer)`` covering every parameter exactly once.
 
     ``slicer(tensor)`` picks the component's part of that parameter (or of its gradient); layer
-    and head are -1 where they do not apply. Parameters of an unknown layout fall in ``other``.
+    and head are -1 where they do not apply. Other layouts (e.g. HuggingFace models) are grouped by
+    layer and module (``L0.attn``, ``L0.mlp``) or named by their module, without a split by head.
     """
     n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
     whole = lambda t: t
@@ -146,8 +147,12 @@ def parameter_groups(model) -> list[tuple[str, int, int, str, callable]]:
         if m:
             out.append((f"L{m[1]}.{m[2]}", int(m[1]), -1, name, whole))
             continue
+        m = re.search(r"(?:^|\.)(?:h|layers|blocks)\.(\d+)\.([^.]+)", short)  # other layouts (HuggingFace)
+        if m:
+            out.append((f"L{m[1]}.{m[2]}", int(m[1]), -1, name, whole))
+            continue
         component = {"tok_embed": "embed", "pos": "pos_embed", "ln_out": "ln_final",
-                     "head": "unembed"}.get(short.split(".")[0], "other")
+                     "head": "unembed"}.get(short.split(".")[0], short.rsplit(".", 1)[0])
         out.append((component, -1, -1, name, whole))
     return out
 

@@ -1,0 +1,122 @@
+"""HuggingFace GPT-2- and Llama-style models built offline, and the public API for your own traces."""
+
+import os
+
+import pytest
+import torch
+import transformer_lens.patching as tlp
+from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attribution_patch
+
+from tsds_interp.attribution import role_gradients
+from tsds_interp.forward import refusal
+from tsds_interp.hf import boot, save_random
+from tsds_interp.patching import activation_patch, attribution_patch
+from tsds_interp.traces import ds_counts, patch, role_attribution, traces
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+WORDS = [*"0123456789", "*", "=", "ACCEPT", "REJECT"]
+ACCEPT, REJECT = 4 + WORDS.index("ACCEPT"), 4 + WORDS.index("REJECT")
+# "<bos> 3 * 4 = 21 REJECT 12 ACCEPT <eos>" and "<bos> 2 * 3 = 6 ACCEPT <eos> <pad> <pad> <pad>"
+TOKENS = torch.tensor([[1, 7, 14, 8, 15, 6, 5, REJECT, 5, 6, ACCEPT, 2],
+                       [1, 6, 14, 7, 15, 10, ACCEPT, 2, 0, 0, 0, 0]])
+ROLES = [["prompt"] * 5 + ["sample"] * 2 + ["decision"] + ["sample"] * 2 + ["decision", "end"],
+         ["prompt"] * 5 + ["sample", "decision", "end", "pad", "pad", "pad", "pad"]]
+GRIDS = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
+         "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
+         "head_pos": tlp.get_act_patch_attn_head_out_by_pos}
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def hf_model(request, tmp_path_factory):
+    folder = save_random(request.param, tmp_path_factory.mktemp(request.param), WORDS)
+    assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
+    return request.param, boot(folder)
+
+
+def metric(logits):
+    return (logits[:, -1, ACCEPT] - logits[:, -1, REJECT]).mean()
+
+
+def contrast():
+    clean = TOKENS[:, :8].clone()
+    corrupted = clean.clone()
+    corrupted[:, 3] = 9
+    return clean, corrupted
+
+
+def test_hf_models_are_refused_by_the_fast_path(hf_model):
+    name, model = hf_model
+    assert "architecture" in refusal(model)
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_activation_patching_of_hf_models_equals_transformer_lens(hf_model, direction):
+    _, model = hf_model
+    clean, corrupted = contrast()
+    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
+    _, cache = model.run_with_cache(source)
+    for grid, reference in GRIDS.items():
+        ours = activation_patch(model, clean, corrupted, metric, grid, direction)
+        assert torch.allclose(ours, reference(model, base, cache, metric), atol=1e-4), grid
+
+
+def test_attribution_patching_of_hf_models_equals_transformer_lens(hf_model):
+    _, model = hf_model
+    clean, corrupted = contrast()
+    theirs = tl_attribution_patch(model, clean, corrupted, lambda lg: lg[0, -1, ACCEPT] - lg[0, -1, REJECT])
+    heads = attribution_patch(model, clean, corrupted, metric, "head_pos")
+    mlps = attribution_patch(model, clean, corrupted, metric, "mlp_out")
+    for node, score in theirs.node_scores.items():
+        if node.kind == "attn_head_out":
+            assert abs(float(heads[node.layer, node.position, node.head]) - score) < 1e-4, node
+        elif node.kind == "mlp_out":
+            assert abs(float(mlps[node.layer, node.position]) - score) < 1e-4, node
+
+
+def test_role_split_gradients_of_hf_models_add_up(hf_model):
+    """The sample and decision parts of the loss's gradient add up to its whole gradient."""
+    _, model = hf_model
+    batch = traces(TOKENS, ROLES)
+    for objective in ("sft_token_mean", "sft_role_balanced"):
+        grads, acts, _ = role_gradients(model, batch, objective)
+        for name, full in grads["full"].items():
+            assert torch.allclose(grads["sample"][name] + grads["decision"][name], full, atol=1e-6), name
+        for name, full in acts["full"].items():
+            assert torch.allclose(acts["sample"][name] + acts["decision"][name], full, atol=1e-6), name
+    table, summary = role_attribution(model, TOKENS, ROLES, objectives=("sft_token_mean", "sft_role_balanced"))
+    assert list(summary.objective) == ["sft_token_mean", "sft_role_balanced"]
+    assert (summary.norm_sample > 0).all() and (summary.norm_decision > 0).all()
+    assert set(table.kind) == {"total", "param", "activation"}
+    assert table.query("kind == 'total' and part == 'decision'").n_tokens.iloc[0] == 3
+
+
+def test_patch_returns_a_tidy_table(hf_model):
+    _, model = hf_model
+    clean, corrupted = contrast()
+    df = patch(model, clean, corrupted, metric, "head_pos")
+    cfg = model.cfg
+    assert len(df) == cfg.n_layers * clean.shape[1] * cfg.n_heads
+    assert set(df.columns) >= {"layer", "pos", "head", "value", "method", "direction"}
+
+
+def test_ds_counts_of_hand_made_traces():
+    df = ds_counts(TOKENS, ROLES, ACCEPT, REJECT, correct=[[False, True], [True]]).set_index("metric")
+    assert df.loc["p_s", ["k", "n"]].tolist() == [2, 3]
+    assert df.loc["p_s_first", ["k", "n"]].tolist() == [1, 2]
+    assert df.loc["p_d_given_c", ["k", "n"]].tolist() == [2, 2]
+    assert df.loc["p_d_given_w", ["k", "n"]].tolist() == [1, 1]
+    assert df.loc["other_decision", "k"] == 0
+    assert df.loc["p_s", "lo"] < 2 / 3 < df.loc["p_s", "hi"]
+    by_checker = ds_counts(TOKENS, ROLES, ACCEPT, REJECT, correct=lambda row, cand: cand in ([5, 6], [10]))
+    assert by_checker.equals(ds_counts(TOKENS, ROLES, ACCEPT, REJECT, correct=[[False, True], [True]]))
+
+
+def test_bad_traces_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown role 'answer'"):
+        traces(TOKENS, [["answer"] * 12] * 2)
+    with pytest.raises(ValueError, match="same shape"):
+        traces(TOKENS[:, :5], ROLES)
+    with pytest.raises(ValueError, match="2 attempts but 1"):
+        ds_counts(TOKENS, ROLES, ACCEPT, REJECT, correct=[[True], [True]])
+    with pytest.raises(ValueError, match="no sample or decision"):
+        traces(TOKENS, [["prompt"] * 12] * 2)

@@ -1,0 +1,157 @@
+"""Your own model and reflective traces: role-split gradient attribution, DS counts and patching.
+
+A trace is a row of token ids with a role per token: ``prompt``, ``sample`` (a candidate answer),
+``decision`` (the token that accepts or rejects it), or ``end`` / ``pad`` (no loss). Nothing here
+assumes this project's task or vocabulary; any TransformerLens model works (a ``TransformerBridge``
+booted natively, or from a HuggingFace folder with ``TransformerBridge.boot_transformers``).
+
+- :func:`role_attribution`: every objective's gradient split exactly by role (the Gradient
+  Attribution Property of :mod:`tsds_interp.attribution`), as the tidy table and its summary;
+- :func:`ds_counts`: the DS decomposition ``p_s``, ``p_d|C = P(accept | correct)``, ``p_d|W =
+  P(reject | wrong)`` with Wilson 95% intervals, from the decisions in the traces and your labels
+  of which candidates are correct;
+- :func:`patch`: exact activation patching or attribution patching of any contrast pairs under
+  any metric, as a tidy table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from tsds_interp.attribution import OBJECTIVES, Trajectories, attribute, summarize
+from tsds_interp.metrics import wilson
+from tsds_interp.patching import GRIDS, activation_patch, attribution_patch, to_frame
+from tsds_interp.task import DECISION, END, PADDING, PROMPT, ROLE_NAMES, SAMPLE
+
+ROLE_OF = {name: i for i, name in enumerate(ROLE_NAMES)}
+
+
+def role_ids(roles) -> Int[Tensor, "batch pos"]:
+    """Roles as ids: a tensor of ids, or nested lists of ids or names (``"prompt"``, ``"sample"``,
+    ``"decision"``, ``"end"``, ``"pad"``)."""
+    if isinstance(roles, Tensor):
+        out = roles.long()
+    else:
+        try:
+            out = torch.tensor([[ROLE_OF[r] if isinstance(r, str) else int(r) for r in row] for row in roles])
+        except KeyError as e:
+            raise ValueError(f"unknown role {e.args[0]!r}; roles are {', '.join(ROLE_NAMES)}") from None
+    if out.ndim != 2 or not ((out >= PROMPT) & (out <= PADDING)).all():
+        raise ValueError(f"roles must be a [batch, pos] table of {', '.join(ROLE_NAMES)} (ids 0-4)")
+    return out
+
+
+def traces(tokens, roles, reward=None, group: int = 1, source: str = "traces") -> Trajectories:
+    """Checked :class:`~tsds_interp.attribution.Trajectories` from token ids and roles (``reward``
+    per row, rows in groups of ``group`` of the same prompt: needed by the ``surrogate`` objective)."""
+    tokens = torch.as_tensor(tokens)
+    roles = role_ids(roles)
+    if tokens.dtype.is_floating_point or tokens.ndim != 2:
+        raise ValueError(f"tokens must be a [batch, pos] table of integer ids, got {tuple(tokens.shape)} "
+                         f"{tokens.dtype}")
+    if tokens.shape != roles.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and roles {tuple(roles.shape)} must have the same shape")
+    if not ((roles == SAMPLE) | (roles == DECISION)).any():
+        raise ValueError("no sample or decision token in the traces: nothing carries a loss")
+    if reward is not None:
+        reward = torch.as_tensor(reward, dtype=torch.float32)
+        if reward.shape != (len(tokens),):
+            raise ValueError(f"reward must have one value per row ({len(tokens)}), got shape {tuple(reward.shape)}")
+    return Trajectories(tokens.long(), roles, reward, group, source)
+
+
+def role_attribution(model, tokens, roles, objectives: Sequence[str] = ("sft_token_mean",), reward=None,
+                     group: int = 1, ref=None, decision_share: float = 0.5) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each objective's gradient on the traces, split by role: ``(table, summary)`` as
+    :func:`tsds_interp.attribution.attribute` and :func:`~tsds_interp.attribution.summarize` give
+    them (totals, parameter groups, activations; ratio, cosine, imbalance index)."""
+    batch = traces(tokens, roles, reward, group)
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad:
+        raise ValueError(f"unknown objective {bad[0]!r}; choose from {', '.join(OBJECTIVES)}")
+    device = next(model.parameters()).device
+    batch = Trajectories(batch.tokens.to(device), batch.roles.to(device), batch.reward, group, batch.source)
+    kw = {"decision_share": decision_share}
+    frames = [attribute(model, batch, o, ref=ref, **(kw if o.startswith("sft_") else {})) for o in objectives]
+    table = pd.concat(frames, ignore_index=True)
+    return table, summarize(table)
+
+
+def attempts(tokens, roles) -> list[list[tuple[list[int], int]]]:
+    """Per row, its attempts in order: (the candidate's token ids, the decision token id). A
+    candidate is the run of sample tokens right before a decision token."""
+    tokens, roles = torch.as_tensor(tokens), role_ids(roles)
+    out = []
+    for row_tokens, row_roles in zip(tokens.tolist(), roles.tolist()):
+        row, candidate = [], []
+        for tok, role in zip(row_tokens, row_roles):
+            if role == SAMPLE:
+                candidate.append(tok)
+            elif role == DECISION:
+                row.append((candidate, tok))
+                candidate = []
+            elif role in (PROMPT, END, PADDING):
+                candidate = []
+        out.append(row)
+    return out
+
+
+def ds_counts(tokens, roles, accept: int, reject: int,
+              correct: Sequence[Sequence[bool]] | Callable[[int, list[int]], bool]) -> pd.DataFrame:
+    """The DS decomposition of the traces' attempts.
+
+    ``accept`` / ``reject``: the decision token ids; ``correct``: per row, one bool per attempt, or
+    ``correct(row, candidate_ids) -> bool``. Rows: ``p_s`` (correct candidates / attempts),
+    ``p_s_first`` (first attempts only), ``p_d_given_c`` (accepts among correct candidates),
+    ``p_d_given_w`` (rejects among wrong ones), ``other_decision`` (decision tokens that are neither);
+    columns ``metric, value, lo, hi, k, n`` with Wilson 95% intervals.
+    """
+    rows = attempts(tokens, roles)
+    k = dict.fromkeys(("p_s", "p_s_first", "p_d_given_c", "p_d_given_w", "other_decision"), 0)
+    n = dict.fromkeys(k, 0)
+    for i, row in enumerate(rows):
+        labels = [correct(i, c) for c, _ in row] if callable(correct) else list(correct[i])
+        if len(labels) != len(row):
+            raise ValueError(f"row {i} has {len(row)} attempts but {len(labels)} correctness labels")
+        for j, ((_, decision), right) in enumerate(zip(row, labels)):
+            k["p_s"] += bool(right)
+            n["p_s"] += 1
+            if j == 0:
+                k["p_s_first"] += bool(right)
+                n["p_s_first"] += 1
+            key = "p_d_given_c" if right else "p_d_given_w"
+            k[key] += decision == (accept if right else reject)
+            n[key] += 1
+            k["other_decision"] += decision not in (accept, reject)
+            n["other_decision"] += 1
+    if not n["p_s"]:
+        raise ValueError("no attempt (sample tokens followed by a decision token) in the traces")
+    table = pd.DataFrame({"metric": list(k), "k": list(k.values()), "n": list(n.values())})
+    lo, hi = wilson(table.k.to_numpy(), table.n.to_numpy())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["value"] = table.k / table.n.replace(0, np.nan)
+    table["lo"], table["hi"] = lo, hi
+    return table[["metric", "value", "lo", "hi", "k", "n"]]
+
+
+def patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor], grid: str = "head",
+          method: str = "activation", direction: str = "denoise", **kw) -> pd.DataFrame:
+    """Patch every cell of ``grid`` (:data:`tsds_interp.patching.GRIDS`) from the clean into the
+    corrupted run (``denoise``) or back (``noise``): exact (``activation``: the metric after the
+    patch) or first-order (``attribution``: its estimated change). Tidy rows with ``value``."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown patching grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
+    if method == "activation":
+        values = activation_patch(model, clean, corrupted, metric, grid, direction, **kw)
+    elif method == "attribution":
+        values = attribution_patch(model, clean, corrupted, metric, grid, direction, **kw)
+    else:
+        raise ValueError(f"method must be activation or attribution, got {method!r}")
+    return to_frame(values, grid, method=method, direction=direction)

@@ -152,7 +152,7 @@ CASES = [
     (ship, ["{root}/new", "x", "--command", "c"], "train the stage first"),
     (ship, ["{root}/stage_bad_run", "x", "--command", "c"], "run.json is not valid JSON"),
     # bench
-    (bench, ["nope"], "invalid choice"),
+    (bench, ["nope"], "unknown entry 'nope'"),
     (bench, ["--json", "{root}"], "is a folder"),
 ]
 CASES += [(m, ["--out", "{root}/new", "--checkpoint", f"{{root}}/{name}"], words)

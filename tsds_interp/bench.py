@@ -10,6 +10,7 @@ reference time / ours except for ``train`` (ours / reference: lower is better th
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -212,9 +213,15 @@ def bench_patching(quick: bool) -> dict:
 ENTRIES = {"rollout": bench_rollout, "train": bench_train, "patching": bench_patching}
 
 
+def _entry(name: str) -> str:
+    if name not in ENTRIES:
+        raise argparse.ArgumentTypeError(f"unknown entry {name!r}; choose from {', '.join(ENTRIES)}")
+    return name
+
+
 def _parser() -> cli.Parser:
     p = cli.Parser("python -m tsds_interp.bench", __doc__.split("\n\n")[0])
-    p.add_argument("entries", nargs="*", default=list(ENTRIES), choices=list(ENTRIES), metavar="ENTRY",
+    p.add_argument("entries", nargs="*", default=list(ENTRIES), type=_entry, metavar="ENTRY",
                    help=f"any of {', '.join(ENTRIES)}")
     p.add_argument("--json", type=cli.out_file, help="also write the results to this JSON file")
     p.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tsds_interp import checks, cli
 from tsds_interp.edges import draw_graph, edge_attribution, edge_patch, prune
+from tsds_interp.forward import refusal
 from tsds_interp.model import autocast, checkpoint_config, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import (
     Pairs,
@@ -230,6 +231,7 @@ def _patch(args) -> int:
         print(part.drop(columns="function").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
                                               "elapsed_s": elapsed, "peak_memory_mb": peak_memory_mb(args.device),
+                                              "fast_path": refusal(model) or "own weights (exact)",
                                               "files": ["patching.csv", *files],
                                               "versions": run_versions()}, indent=2))
     print(f"\nwrote {out}/patching.csv, {', '.join(files)}, run.json")

@@ -27,13 +27,15 @@ from tsds_interp.model import ModelConfig, build_model, load, shipped_names
 
 
 def _timed(fns: dict[str, Callable[[], object]], repeats: int, raw: dict | None = None) -> dict[str, float]:
-    """Median seconds of each function, run alternately after one warm-up call each (every time
-    into ``raw`` when given)."""
+    """Median seconds of each function, run alternately after one warm-up call each, the order
+    rotated every repeat so no function always follows the same one (every time into ``raw``)."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            f = fns[k]
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)

@@ -7,6 +7,7 @@ library argument it feeds fail with the same words.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -111,8 +112,6 @@ def read_text(path: Path, what: str = "file") -> str:
 
 def read_json(path: Path, what: str = "file", kind: type = dict):
     """The JSON object in ``path``; ``ValueError`` naming the file when it is damaged."""
-    import json
-
     try:
         value = json.loads(read_text(path, what))
     except json.JSONDecodeError as e:

@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from tsds_interp import checks
 
@@ -75,29 +74,20 @@ def real(lo: float | None = None, hi: float | None = None, lo_open: bool = False
 SEED = integer(0, checks.MAX_SEED)
 
 
-def device(name: str) -> str:
-    """Flag type: a device this machine has."""
-    try:
-        checks.device(name, "")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).strip()) from None
-    return name
+def _checked(check: Callable, doc: str):
+    """Flag type from a :mod:`tsds_interp.checks` rule ``check(text, name)``; returns its value."""
+    def parse(text: str):
+        try:
+            return check(text, "")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).strip()) from None
+    parse.__doc__ = doc
+    return parse
 
 
-def out_dir(text: str) -> Path:
-    """Flag type: a folder that can be written (nothing is created while parsing)."""
-    try:
-        return checks.out_dir(text, "")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).strip()) from None
-
-
-def out_file(text: str) -> Path:
-    """Flag type: a file whose folder can be written."""
-    try:
-        return checks.out_file(text, "")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).strip()) from None
+device = _checked(lambda text, name: str(checks.device(text, name)), "Flag type: a device this machine has.")
+out_dir = _checked(checks.out_dir, "Flag type: a folder that can be written (nothing is created while parsing).")
+out_file = _checked(checks.out_file, "Flag type: a file whose folder can be written.")
 
 
 def run(body: Callable[[], int | None]) -> int:

@@ -1,8 +1,8 @@
 """The model's own weights, run directly: the one fast forward used by rollouts, patching and training.
 
 A hooked forward pays for its hook points; running the same weights with plain tensor operations
-(fused ``scaled_dot_product_attention``, one q/k/v matmul, a key/value cache for decoding) is
-several times faster. It is used only where it computes exactly what the hooked model computes:
+(fused ``scaled_dot_product_attention``, fused multiply-add residuals, a key/value cache for
+decoding) is several times faster. It is used only where it computes exactly what the hooked model computes:
 
 - every field of the model's config is either known not to change the computation or holds a
   value this module implements (an allow-list: an unknown field or value refuses);
@@ -26,48 +26,24 @@ from torch import Tensor, nn
 log = logging.getLogger("tsds_interp")
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
-_NO_CAP = (None, -1, -1.0, 0, 0.0)
-# Config fields whose value this module implements, and the values (or test) it accepts.
-EXACT = {
+# Config fields whose value this module implements: the values it accepts, or a test of the value.
+ACCEPTED = {
+    "attention_dir": ("causal",), "normalization_type": ("LN",), "positional_embedding_type": ("standard",),
+    "architecture": ("TransformerLensNative",), "use_attn_scale": (True,), "n_devices": (1,),
+    "attn_scores_soft_cap": (None, -1, 0), "output_logits_soft_cap": (None, -1, 0), "scale_embedding": (None, False),
+    **dict.fromkeys(("attn_only", "use_local_attn", "final_rms", "gated_mlp", "is_audio_model", "is_multimodal",
+                     "is_stateful", "is_visual_model", "load_in_4bit", "parallel_attn_mlp", "post_embedding_ln",
+                     "rmsnorm_uses_offset", "scale_attn_by_inverse_layer_idx", "use_normalization_before_and_after",
+                     "use_NTK_by_parts_rope", "use_qk_norm", "uses_rms_norm", "layer_norm_folding"), (False,)),
+    **dict.fromkeys(("attn_types", "window_size", "num_experts", "per_layer_head_dim",
+                     "per_layer_num_key_value_heads", "rotary_dim", "experts_per_token"), (None,)),
+}
+TESTS = {
     "act_fn": lambda v, c: v in ACTIVATIONS,
-    "attention_dir": lambda v, c: v == "causal",
-    "attn_only": lambda v, c: v is False,
-    "use_attn_scale": lambda v, c: v is True,
     "attn_scale": lambda v, c: v == -1 or math.isclose(v, math.sqrt(c.d_head), rel_tol=1e-12),  # -1: sqrt(d_head)
-    "attn_scores_soft_cap": lambda v, c: v in _NO_CAP,
-    "output_logits_soft_cap": lambda v, c: v in _NO_CAP,
-    "attn_types": lambda v, c: v is None,
-    "use_local_attn": lambda v, c: v is False,
-    "window_size": lambda v, c: v is None,
     "d_vocab_out": lambda v, c: v in (-1, c.d_vocab),
     "dtype": lambda v, c: v == torch.float32,
-    "final_rms": lambda v, c: v is False,
-    "gated_mlp": lambda v, c: v is False,
-    "is_audio_model": lambda v, c: v is False,
-    "is_multimodal": lambda v, c: v is False,
-    "is_stateful": lambda v, c: v is False,
-    "is_visual_model": lambda v, c: v is False,
-    "load_in_4bit": lambda v, c: v is False,
-    "n_devices": lambda v, c: v == 1,
     "n_key_value_heads": lambda v, c: v in (None, c.n_heads),
-    "normalization_type": lambda v, c: v == "LN",
-    "num_experts": lambda v, c: v is None,
-    "parallel_attn_mlp": lambda v, c: v is False,
-    "per_layer_head_dim": lambda v, c: v is None,
-    "per_layer_num_key_value_heads": lambda v, c: v is None,
-    "positional_embedding_type": lambda v, c: v == "standard",
-    "post_embedding_ln": lambda v, c: v is False,
-    "rmsnorm_uses_offset": lambda v, c: v is False,
-    "rotary_dim": lambda v, c: v is None,
-    "scale_attn_by_inverse_layer_idx": lambda v, c: v is False,
-    "scale_embedding": lambda v, c: v in (None, False),
-    "use_normalization_before_and_after": lambda v, c: v is False,
-    "use_NTK_by_parts_rope": lambda v, c: v is False,
-    "use_qk_norm": lambda v, c: v is False,
-    "uses_rms_norm": lambda v, c: v is False,
-    "layer_norm_folding": lambda v, c: v is False,
-    "architecture": lambda v, c: v == "TransformerLensNative",
-    "experts_per_token": lambda v, c: v is None,
 }
 # Config fields that do not change what the forward computes (sizes are read from the weights;
 # rotary, NTK, relative-attention, vision and expert settings act only through fields checked above).
@@ -122,10 +98,15 @@ def refusal(model) -> str | None:
     for name in sorted(fields):
         if name.startswith("_") or name in NEUTRAL:
             continue
-        if name not in EXACT:
+        value = fields[name]
+        if name in ACCEPTED:
+            ok = value in ACCEPTED[name]
+        elif name in TESTS:
+            ok = TESTS[name](value, cfg)
+        else:
             return f"config field {name} is not known to this module"
-        if not EXACT[name](fields[name], cfg):
-            return f"{name}={fields[name]!r}"
+        if not ok:
+            return f"{name}={value!r}"
     for name in ("uses_rms_norm", "use_qk_norm"):
         if name not in fields and getattr(cfg, name, False):
             return f"{name}={getattr(cfg, name)!r}"

@@ -280,12 +280,11 @@ def read_config(path: Path) -> dict:
 def checkpoint_config(name_or_path: str | os.PathLike) -> ModelConfig:
     """The checked :class:`ModelConfig` of a checkpoint, without reading its weights."""
     path = resolve_checkpoint(name_or_path)
+    meta = read_config(path)
     try:
-        cfg = ModelConfig.from_dict(read_config(path)["model"])
+        cfg = ModelConfig.from_dict(meta["model"])
         check_fits_in_memory(cfg)
     except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"{path / 'config.json'} has a bad model config ({e}); re-save it") from None
     return cfg
 

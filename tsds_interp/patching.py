@@ -267,6 +267,11 @@ def _patch_variants(act: Tensor, src: Tensor, cells: Tensor, axes: tuple[str, ..
     return act.view(-1, *act.shape[2:])
 
 
+def _bytes_per_variant(cfg, B: int, T: int) -> int:
+    """Activation memory of one patched run of ``B`` sequences of length ``T`` (an estimate)."""
+    return 4 * B * T * (cfg.d_model * 12 + cfg.n_heads * T + cfg.d_vocab)
+
+
 def check_contrast(clean: Tensor, corrupted: Tensor, direction: str) -> None:
     """``ValueError`` unless the two token batches have one shape and ``direction`` is known."""
     if clean.shape != corrupted.shape:
@@ -305,8 +310,7 @@ def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
     all_cells = _cells(axes, T, cfg.n_heads)
     live = [i for i, c in enumerate(all_cells) if "pos" not in axes or c[0] >= first_diff]
     cells = [all_cells[i] for i in live]
-    bytes_per_variant = 4 * B * T * (cfg.d_model * 12 + cfg.n_heads * T + cfg.d_vocab)
-    chunk = max(1, int(memory_mb * 2**20 // bytes_per_variant))
+    chunk = max(1, int(memory_mb * 2**20 // _bytes_per_variant(cfg, B, T)))
     out = torch.empty(cfg.n_layers, len(cells))
     for layer in range(cfg.n_layers if cells else 0):
         src = src_cache[names[layer]]
@@ -352,9 +356,7 @@ class _PrefixReuse:
         return resid, ks, vs, zs, self.own.unembed(x)
 
     def _heads_per_batch(self, B: int, T: int, memory_mb: float) -> int:
-        cfg = self.cfg
-        bytes_per_variant = 4 * B * T * (cfg.d_model * 12 + cfg.n_heads * T + cfg.d_vocab)
-        return max(1, min(cfg.n_heads, int(memory_mb * 2**20 // bytes_per_variant)))
+        return max(1, min(self.cfg.n_heads, int(memory_mb * 2**20 // _bytes_per_variant(self.cfg, B, T))))
 
     @torch.no_grad()
     def head_pos(self, base: Tensor, source: Tensor, metric: Metric, memory_mb: float) -> Tensor:

@@ -29,7 +29,6 @@ from tsds_interp.task import (
     REJECT,
     Questions,
     TaskConfig,
-    check_operands,
     parse_candidate,
     prompt_tokens,
     token_roles,
@@ -135,7 +134,6 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
         checks.number("decision_temperature", decision_temperature, lo=0, hi=100)
     checks.seed(seed)
     checks.number("batch_size", batch_size, lo=1, hi=2**24, integer=True)
-    check_operands(questions.a, questions.b, task)
     dtemp = temperature if decision_temperature is None else decision_temperature
     n_steps = task.budget * task.attempt_len
     gen = torch.Generator().manual_seed(seed)
@@ -143,16 +141,17 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
     if rows is not None:
         questions, uniforms = questions[rows], uniforms[rows]
     device = next(model.parameters()).device
+    decoder = KVCache if cached and use_own_weights(model, "rollout") else UncachedStepper
     parts = []
     for start in range(0, len(questions), batch_size):
         sl = slice(start, start + batch_size)
         parts.append(_rollout_batch(model, questions[sl], uniforms[sl], task, temperature, dtemp,
-                                    cached, device))
+                                    decoder, device))
     return Rollouts.cat(parts)
 
 
 def _rollout_batch(model, q: Questions, uniforms, task: TaskConfig, temp: float, dtemp: float,
-                   cached: bool, device) -> Rollouts:
+                   decoder: type, device) -> Rollouts:
     n, K, L, P = len(q), task.budget, task.answer_len, task.prompt_len
     tokens = torch.full((n, task.max_len), PAD, dtype=torch.long, device=device)
     tokens[:, :P] = prompt_tokens(q.a, q.b, task).to(device)
@@ -161,8 +160,7 @@ def _rollout_batch(model, q: Questions, uniforms, task: TaskConfig, temp: float,
     malformed = torch.zeros(n, dtype=torch.bool, device=device)
     active = torch.arange(n, device=device)
     uniforms = uniforms.to(device)
-    own = cached and use_own_weights(model, "rollout")
-    stepper = (KVCache if own else UncachedStepper)(model, n, task.max_len)
+    stepper = decoder(model, n, task.max_len)
     logits = stepper.prefill(tokens[:, :P])
     for t in range(K * task.attempt_len):
         pos, attempt, offset = P + t, t // task.attempt_len, t % task.attempt_len

@@ -392,10 +392,7 @@ class Trainer:
             raise
 
     def resume(self) -> None:
-        recover_dir(self.ckpt)
-        if not (self.ckpt / "train_state.json").is_file():
-            raise CheckpointError(f"nothing to resume in {self.out}: no checkpoint/train_state.json "
-                                  "(run without --resume to start)")
+        """Continue from ``checkpoint/`` (which :func:`check_stage_folder` found there)."""
         saved = read_config(self.ckpt).get("train", {})
         if saved.get("stage") != self.cfg.stage:
             raise CheckpointError(f"{self.ckpt} is a {saved.get('stage')!r} checkpoint, not "

@@ -8,13 +8,12 @@ import os
 import pytest
 import torch
 import transformer_lens.model_bridge.sources  # noqa: F401
-import transformer_lens.patching as tlp
+from tl_reference import assert_attribution_matches, assert_grids_match
 from transformer_lens.config import TransformerBridgeConfig
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attribution_patch
 
 from tsds_interp.forward import OwnForward, fast_forward, refusal
-from tsds_interp.patching import activation_patch, attribution_patch
+from tsds_interp.patching import activation_patch
 from tsds_interp.rollout import rollout
 from tsds_interp.task import VOCAB, TaskConfig, sample_questions
 
@@ -43,10 +42,6 @@ CONFIGS = {
     "rotary": (dict(positional_embedding_type="rotary", rotary_dim=8), "positional_embedding_type"),
     "parallel": (dict(parallel_attn_mlp=True), "parallel_attn_mlp"),
 }
-TL_GRIDS = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
-            "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
-            "head_pos": tlp.get_act_patch_attn_head_out_by_pos}
-
 
 def build(name: str):
     model = TransformerBridge.boot_native(TransformerBridgeConfig(**{**BASE, **CONFIGS[name][0]}))
@@ -82,16 +77,7 @@ def test_the_fast_path_is_taken_exactly_where_it_is_exact(model):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_every_grid_equals_transformer_lens(model, direction):
     name, m = model
-    clean, corrupted = pairs()
-    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    _, source_cache = m.run_with_cache(source)
-    for grid, reference in TL_GRIDS.items():
-        if grid == "mlp_out" and name == "attn_only":
-            continue
-        ours = activation_patch(m, clean, corrupted, metric, grid, direction)
-        theirs = reference(m, base, source_cache, metric)
-        assert ours.shape == theirs.shape, grid
-        assert torch.allclose(ours, theirs, atol=1e-4), (grid, float((ours - theirs).abs().max()))
+    assert_grids_match(m, *pairs(), metric, direction, skip=("mlp_out",) if name == "attn_only" else ())
 
 
 def test_attribution_patching_equals_transformer_lens(model):
@@ -99,18 +85,7 @@ def test_attribution_patching_equals_transformer_lens(model):
     if name == "attn_only":
         pytest.skip("TransformerLens's attribution_patch needs an MLP in every block")
     clean, corrupted = pairs()
-    theirs = tl_attribution_patch(m, clean, corrupted, lambda lg: lg[0, -1, 3] - lg[0, -1, 5]).node_scores
-    heads = attribution_patch(m, clean, corrupted, metric, "head_pos")
-    mlps = attribution_patch(m, clean, corrupted, metric, "mlp_out")
-    checked = 0
-    for node, score in theirs.items():
-        if node.kind == "attn_head_out":
-            assert abs(float(heads[node.layer, node.position, node.head]) - score) < 1e-4, node
-        elif node.kind == "mlp_out":
-            assert abs(float(mlps[node.layer, node.position]) - score) < 1e-4, node
-        else:
-            continue
-        checked += 1
+    checked = assert_attribution_matches(m, clean, corrupted, metric, lambda lg: lg[0, -1, 3] - lg[0, -1, 5])
     assert checked == m.cfg.n_layers * clean.shape[1] * (m.cfg.n_heads + 1)
 
 
@@ -134,10 +109,7 @@ def test_a_user_hook_changes_our_results_as_it_changes_transformer_lenss():
     m.add_hook("blocks.0.attn.hook_z", zero_head_1, is_permanent=True)
     try:
         assert refusal(m) == "hooks are attached to the model"
-        _, source_cache = m.run_with_cache(clean)
-        for grid, reference in TL_GRIDS.items():
-            ours = activation_patch(m, clean, corrupted, metric, grid)
-            assert torch.allclose(ours, reference(m, corrupted, source_cache, metric), atol=1e-4), grid
+        assert_grids_match(m, clean, corrupted, metric)
         assert not torch.allclose(activation_patch(m, clean, corrupted, metric, "head_pos"), before, atol=1e-3)
         q = sample_questions(TASK, "train", 16, seed=0)
         kw = dict(task=TASK, temperature=1.0, seed=3)

@@ -4,13 +4,11 @@ import os
 
 import pytest
 import torch
-import transformer_lens.patching as tlp
-from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attribution_patch
+from tl_reference import assert_attribution_matches, assert_grids_match
 
 from tsds_interp.attribution import role_gradients
 from tsds_interp.forward import refusal
 from tsds_interp.hf import boot, save_random
-from tsds_interp.patching import activation_patch, attribution_patch
 from tsds_interp.traces import ds_counts, patch, role_attribution, traces
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -21,10 +19,6 @@ TOKENS = torch.tensor([[1, 7, 14, 8, 15, 6, 5, REJECT, 5, 6, ACCEPT, 2],
                        [1, 6, 14, 7, 15, 10, ACCEPT, 2, 0, 0, 0, 0]])
 ROLES = [["prompt"] * 5 + ["sample"] * 2 + ["decision"] + ["sample"] * 2 + ["decision", "end"],
          ["prompt"] * 5 + ["sample", "decision", "end", "pad", "pad", "pad", "pad"]]
-GRIDS = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
-         "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
-         "head_pos": tlp.get_act_patch_attn_head_out_by_pos}
-
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def hf_model(request, tmp_path_factory):
@@ -52,25 +46,15 @@ def test_hf_models_are_refused_by_the_fast_path(hf_model):
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_activation_patching_of_hf_models_equals_transformer_lens(hf_model, direction):
     _, model = hf_model
-    clean, corrupted = contrast()
-    base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
-    _, cache = model.run_with_cache(source)
-    for grid, reference in GRIDS.items():
-        ours = activation_patch(model, clean, corrupted, metric, grid, direction)
-        assert torch.allclose(ours, reference(model, base, cache, metric), atol=1e-4), grid
+    assert_grids_match(model, *contrast(), metric, direction)
 
 
 def test_attribution_patching_of_hf_models_equals_transformer_lens(hf_model):
     _, model = hf_model
     clean, corrupted = contrast()
-    theirs = tl_attribution_patch(model, clean, corrupted, lambda lg: lg[0, -1, ACCEPT] - lg[0, -1, REJECT])
-    heads = attribution_patch(model, clean, corrupted, metric, "head_pos")
-    mlps = attribution_patch(model, clean, corrupted, metric, "mlp_out")
-    for node, score in theirs.node_scores.items():
-        if node.kind == "attn_head_out":
-            assert abs(float(heads[node.layer, node.position, node.head]) - score) < 1e-4, node
-        elif node.kind == "mlp_out":
-            assert abs(float(mlps[node.layer, node.position]) - score) < 1e-4, node
+    checked = assert_attribution_matches(model, clean, corrupted, metric,
+                                         lambda lg: lg[0, -1, ACCEPT] - lg[0, -1, REJECT])
+    assert checked == model.cfg.n_layers * clean.shape[1] * (model.cfg.n_heads + 1)
 
 
 def test_role_split_gradients_of_hf_models_add_up(hf_model):

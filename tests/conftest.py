@@ -25,3 +25,12 @@ def trained_tiny(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny_pipeline")
     return pipeline("tiny", out, quiet=True), out
+
+
+@pytest.fixture(scope="session")
+def trained_steps(tmp_path_factory):
+    """The tiny step-format pipeline, trained once per test session (base, sft, rl checkpoints)."""
+    from tsds_interp.train import pipeline
+
+    out = tmp_path_factory.mktemp("steps_pipeline")
+    return pipeline("steps_tiny", out, quiet=True), out

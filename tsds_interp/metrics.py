@@ -30,17 +30,23 @@ from torch import Tensor
 from tsds_interp import checks
 from tsds_interp.model import config_of
 from tsds_interp.objectives import token_logprobs
-from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts, rollout
+from tsds_interp.rollout import ACCEPTED, NOT_REACHED, REJECTED, Rollouts, StepRollouts, rollout, sample_steps
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
     Questions,
     TaskConfig,
     answer_tokens,
+    check_steps,
     corrupt_digit,
+    corrupt_step_tokens,
+    n_calls,
     num_digits,
     prompt_tokens,
     sample_questions,
+    solution_states,
+    state_tokens,
+    true_step_tokens,
 )
 
 Z95 = 1.959963984540054
@@ -150,10 +156,13 @@ def ds_metrics(r: Rollouts, budget: int | None = None, n_boot: int = 2000, seed:
                ) -> pd.DataFrame:
     """Tidy DS metrics: one row per (cell, metric) with value, 95% CI (lo, hi) and count n.
 
-    ``cell`` is ``"da x db"`` for each difficulty cell and ``"all"`` for the whole batch.
+    ``cell`` is ``"da x db"`` for each difficulty cell and ``"all"`` for the whole batch. Step-format
+    rollouts get :func:`step_ds_metrics`.
     """
     if len(r) == 0:
         raise ValueError("no rollouts to measure; roll out at least one question")
+    if isinstance(r, StepRollouts):
+        return step_ds_metrics(r, budget, n_boot, seed)
     budget = budget or r.decisions.shape[1]
     counts = _counts(r)
     da, db = num_digits(r.a).numpy(), num_digits(r.b).numpy()
@@ -164,6 +173,80 @@ def ds_metrics(r: Rollouts, budget: int | None = None, n_boot: int = 2000, seed:
         rows += _cell_rows(f"{cell[0]}x{cell[1]}", {k: v[sel] for k, v in counts.items()},
                            budget, rng, n_boot)
     rows += _cell_rows("all", counts, budget, rng, n_boot)
+    return pd.DataFrame(rows)
+
+
+def _call_counts(r: StepRollouts) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The counts :func:`_counts` gives for one-shot episodes, per call of step-format episodes (a
+    call is a reflective episode over one state), with each call's episode and call index."""
+    ep, call = r.episode.numpy(), r.call.numpy()
+    key = ep * (int(call.max()) + 1) + call
+    uniq, inv = np.unique(key, return_inverse=True)
+    n = len(uniq)
+    add = lambda x: np.bincount(inv, weights=x.astype(float), minlength=n).astype(int)
+    correct, dec = r.step_correct.numpy(), r.decisions.numpy()
+    first = r.attempt.numpy() == 0
+    written = np.ones_like(correct)
+    bad = np.zeros(n, bool)
+    bad[inv[(dec == NOT_REACHED) | (dec == -1)]] = True
+    taken_correct = np.zeros(n, bool)
+    taken_correct[inv[r.taken.numpy() & correct]] = True
+    counts = {
+        "first_correct": add(first & correct).astype(bool),
+        "cand": add(written),
+        "cand_correct": add(correct),
+        "acc_given_c": add((dec == ACCEPTED) & correct),
+        "rej_given_w": add((dec == REJECTED) & ~correct),
+        "wrong": add(~correct),
+        "final": taken_correct,
+        "any": add(correct) > 0,
+        "attempts": add(written),
+        "malformed": bad,
+    }
+    owner = np.zeros(n, int)
+    owner[inv] = ep
+    index = np.zeros(n, int)
+    index[inv] = call
+    return counts, owner, index
+
+
+def step_ds_metrics(r: StepRollouts, budget: int | None = None, n_boot: int = 2000, seed: int = 0
+                    ) -> pd.DataFrame:
+    """DS metrics of step-format rollouts, per cell of the question and ``all``.
+
+    Step level (a call is a reflective episode over one state; the metrics of :func:`ds_metrics`):
+    ``p_s_first``, ``p_s``, ``p_d_given_c``, ``p_d_given_w``, ``realized_accuracy`` (the taken step
+    is right), ``pass@K``, ``predicted_accuracy@K`` / ``@inf``, ``mean_attempts``, and by call index
+    ``p_s_first@call{k}``, ``p_d_given_c@call{k}``, ``p_d_given_w@call{k}``. Episode level:
+    ``episode_accuracy`` (the final running sum is the product), ``episode_malformed``, ``mean_calls``.
+    """
+    budget = budget or r.budget
+    counts, owner, index = _call_counts(r)
+    da, db = num_digits(r.a).numpy(), num_digits(r.b).numpy()
+    rng = np.random.default_rng(seed)
+    cells = [(f"{c[0]}x{c[1]}", (da == c[0]) & (db == c[1])) for c in sorted(set(zip(da, db)))]
+    rows = []
+    for cell, sel in [*cells, ("all", np.ones(len(r), bool))]:
+        calls = sel[owner]
+        rows += _cell_rows(cell, {k: v[calls] for k, v in counts.items()}, budget, rng, n_boot)
+        for k in range(int(index.max()) + 1):
+            at = calls & (index == k)
+            for metric, (hit, base) in {"p_s_first": (counts["first_correct"], np.ones(len(at), int)),
+                                        "p_d_given_c": (counts["acc_given_c"], counts["cand_correct"]),
+                                        "p_d_given_w": (counts["rej_given_w"], counts["wrong"])}.items():
+                x, m = int(hit[at].sum()), int(base[at].sum())
+                lo, hi = wilson(x, m)
+                rows.append(dict(cell=cell, metric=f"{metric}@call{k + 1}", value=x / m if m else np.nan,
+                                 lo=float(lo), hi=float(hi), n=m))
+        n = int(sel.sum())
+        for metric, hit in (("episode_accuracy", r.final_correct.numpy()[sel]),
+                            ("episode_malformed", r.malformed.numpy()[sel])):
+            lo, hi = wilson(int(hit.sum()), n)
+            rows.append(dict(cell=cell, metric=metric, value=hit.mean(), lo=float(lo), hi=float(hi), n=n))
+        calls_per = r.n_calls.numpy()[sel].astype(float)
+        sem = calls_per.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
+        rows.append(dict(cell=cell, metric="mean_calls", value=calls_per.mean(),
+                         lo=calls_per.mean() - Z95 * sem, hi=calls_per.mean() + Z95 * sem, n=n))
     return pd.DataFrame(rows)
 
 
@@ -538,6 +621,8 @@ def verification_metrics(model, n_questions: int = 2400, samples: int = 8, tempe
     else:
         chosen = None
     q = sample_questions(task, "test", n_questions, seed=10_007 + seed, cells=chosen)
+    if task.steps:
+        return step_verification_metrics(model, q, samples, temperature, seed, n_boot)
     v = collect_verification(model, q, samples=samples, temperature=temperature, seed=seed)
     r = rollout(model, q, task=task, temperature=temperature, seed=seed + 2)
     return verification_table(v, hard_cells(task), r, n_boot, seed)
@@ -556,4 +641,128 @@ def verification_table(v: VerificationData, hard: tuple[str, ...] = (), r: Rollo
     for name, sel in groups:
         rows += _verification_rows(v, sel, name, rng, n_boot)
         rows += _attempt_rates(r, sel, name) if r is not None else []
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- step format verification
+
+@dataclass
+class StepVerificationData:
+    """Per state (one state of each question's correct episode): greedy and sampled steps and the
+    decision's teacher-forced scores for the true step and each sampled step."""
+
+    cells: np.ndarray            # [state] cell label of the question
+    call: np.ndarray             # [state] call index of the state
+    greedy_correct: np.ndarray   # [state]
+    sample_correct: np.ndarray   # [state, sample]
+    sample_wellformed: np.ndarray
+    gap_truth: np.ndarray        # [state] ACCEPT-REJECT logit after the true step
+    p_acc_truth: np.ndarray      # [state]
+    gap_sample: np.ndarray       # [state, sample] (nan where malformed)
+    p_acc_sample: np.ndarray     # [state, sample]
+    logprob_truth: np.ndarray    # [state] log pi(true step | state)
+    logprob_sample: np.ndarray   # [state, sample]
+    corruption_gap: np.ndarray   # [state] logit gap, truth minus a one-digit corruption
+
+
+@torch.no_grad()
+def collect_step_verification(model, questions: Questions, samples: int = 8, temperature: float = 1.0,
+                              seed: int = 0, task: TaskConfig | None = None) -> StepVerificationData:
+    """For one uniformly drawn state of each question's correct episode: the greedy step, ``samples``
+    steps at ``temperature``, and the decision read after the true step, after each sampled step and
+    after a one-digit corruption of the true step (all teacher-forced)."""
+    task = task or config_of(model).task
+    n = len(questions)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 5))
+    call = (u * n_calls(questions.b, task)).long()
+    s = solution_states(questions.a, questions.b, task, call)
+    P, L = task.prompt_len, task.answer_len
+    prompt, truth = state_tokens(s, task), true_step_tokens(s, task)
+    greedy = sample_steps(model, s, task, 0.0, seed=seed)[0][:, P : P + L]
+    idx = torch.arange(n).repeat_interleave(samples)
+    sampled = sample_steps(model, s[idx], task, temperature, seed=seed + 1)[0][:, P : P + L]
+    wellformed = (sampled <= 9).all(1)
+    correct = check_steps(s[idx], sampled.clamp(max=9), task) & wellformed
+    score = lambda steps, pr: decision_scores(model, torch.cat([pr, steps.clamp(max=9)], 1))
+    gap_t, p_t = score(truth, prompt)
+    gap_s, p_s = score(sampled, prompt[idx])
+    corrupted = corrupt_step_tokens(truth, task, np.random.default_rng(seed))
+    gap_c, _ = score(corrupted, prompt)
+    lp = lambda steps, pr: token_logprobs(model, torch.cat([pr, steps.clamp(max=9)], 1))[0][:, -L:].sum(1)
+    shape = (n, samples)
+    nan_bad = lambda x: torch.where(wellformed, x, torch.nan).view(shape).numpy()
+    return StepVerificationData(
+        cells=np.array([f"{x}x{y}" for x, y in questions.cells]), call=call.numpy(),
+        greedy_correct=check_steps(s, greedy.clamp(max=9), task).numpy() & (greedy <= 9).all(1).numpy(),
+        sample_correct=correct.view(shape).numpy(), sample_wellformed=wellformed.view(shape).numpy(),
+        gap_truth=gap_t.numpy(), p_acc_truth=p_t.numpy(), gap_sample=nan_bad(gap_s), p_acc_sample=nan_bad(p_s),
+        logprob_truth=lp(truth, prompt).numpy(), logprob_sample=nan_bad(lp(sampled, prompt[idx])),
+        corruption_gap=(gap_t - gap_c).numpy())
+
+
+def _step_verification_rows(v: StepVerificationData, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
+    rows = []
+    add = lambda metric, stat, n: rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
+                                                   hi=stat[2], n=int(n)))
+    nq = int(sel.sum())
+    g = v.greedy_correct[sel].astype(float)
+    add("greedy_accuracy", (g.mean() if nq else np.nan, *wilson(g.sum(), nq)), nq)
+    c, wf = v.sample_correct[sel], v.sample_wellformed[sel]
+    wrong = wf & ~c
+    add("sample_accuracy", _boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot), c.size)
+    add("slip_share", _boot_ratio((wrong & v.greedy_correct[sel][:, None]).sum(1).astype(float),
+                                  wrong.sum(1).astype(float), rng, n_boot), wrong.sum())
+    has = wrong.any(1)
+    for name, truth, sample in (("within_auc@1", v.gap_truth, v.gap_sample),
+                                ("own_logprob_auc", v.logprob_truth, v.logprob_sample)):
+        t, w = truth[sel][has], [x[m] for x, m in zip(sample[sel][has], wrong[has])]
+        auc, gap = _paired(t, w)
+        add(name, _boot_mean(auc, rng, n_boot), len(auc))
+        if name == "within_auc@1":
+            add("logit_gap@1", _boot_mean(gap, rng, n_boot), len(gap))
+    p = np.nan_to_num(v.p_acc_sample[sel])
+    add("e_plus@1", _boot_ratio((p * wrong).sum(1), wrong.sum(1).astype(float), rng, n_boot), wrong.sum())
+    add("e_minus@1", _boot_ratio(((1 - p) * c).sum(1), c.sum(1).astype(float), rng, n_boot), c.sum())
+    cg = v.corruption_gap[sel]
+    add("corruption_auc", _boot_mean((cg > 0) + 0.5 * (cg == 0), rng, n_boot), len(cg))
+    add("corruption_gap", _boot_mean(cg, rng, n_boot), len(cg))
+    return rows
+
+
+def _episode_rows(with_r, without_r, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
+    """Episode accuracy with reflection and without it (budget 1: every first step is taken), and
+    their paired difference."""
+    a, b = with_r.final_correct.numpy()[sel].astype(float), without_r.final_correct.numpy()[sel].astype(float)
+    n = int(sel.sum())
+    rows = []
+    for metric, x in (("episode_accuracy", a), ("episode_accuracy_no_reflection", b)):
+        lo, hi = wilson(int(x.sum()), n)
+        rows.append(dict(cell=cell, metric=metric, value=x.mean() if n else np.nan, lo=float(lo), hi=float(hi), n=n))
+    gain = _boot_mean(a - b, rng, n_boot)
+    rows.append(dict(cell=cell, metric="reflection_gain", value=gain[0], lo=gain[1], hi=gain[2], n=n))
+    return rows
+
+
+def step_verification_metrics(model, q: Questions, samples: int = 8, temperature: float = 1.0, seed: int = 0,
+                              n_boot: int = 1000) -> pd.DataFrame:
+    """Step-format verification, per cell, ``hard`` and ``all`` (95% intervals, bootstrap over states
+    or Wilson): on one state per question, ``within_auc@1`` and ``logit_gap@1`` (true step vs the
+    model's own wrong steps from the same state), ``e_plus@1`` = P(ACCEPT | own wrong step) and
+    ``e_minus@1`` = P(REJECT | own right step) at the first attempt (expected over the decision's
+    distribution), ``own_logprob_auc``, ``corruption_auc`` / ``_gap``, greedy / sampled step accuracy and
+    ``slip_share``; and from full episodes at ``temperature``, ``episode_accuracy``,
+    ``episode_accuracy_no_reflection`` (budget 1) and their paired difference ``reflection_gain``."""
+    task = config_of(model).task
+    v = collect_step_verification(model, q, samples, temperature, seed, task)
+    with_r = rollout(model, q, task=task, temperature=temperature, seed=seed + 2)
+    without_r = rollout(model, q, task=task, budget=1, temperature=temperature, seed=seed + 2)
+    rng = np.random.default_rng(seed)
+    hard = np.isin(v.cells, hard_cells(task))
+    groups = [(c, v.cells == c) for c in sorted(set(v.cells))]
+    groups += [("hard", hard)] if hard.any() else []
+    groups += [("all", np.ones(len(v.cells), bool))]
+    rows = []
+    for name, sel in groups:
+        rows += _step_verification_rows(v, sel, name, rng, n_boot)
+        rows += _episode_rows(with_r, without_r, sel, name, rng, n_boot)
     return pd.DataFrame(rows)

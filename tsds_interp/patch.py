@@ -167,8 +167,11 @@ def _plots(df: pd.DataFrame, out: Path, label: str, model) -> list[str]:
         path = out / f"{function}_{grid}.png"
         note = " (summed over positions)" if grid == "head_pos" else ""
         value = "value" if part.normalized_defined.iloc[0] else "effect"
-        kind = "normalized" if value == "value" else "raw effect"
-        heatmap(part, rows, cols, path, f"{function} {grid} {label}{note}: {kind}", value=value)
+        kind = "normalized (0 = corrupted, 1 = clean)" if value == "value" else "raw effect (gap not significant)"
+        r = part.iloc[0]
+        contrast = f"gap {r.gap:.3f} [{r.gap_lo:.3f}, {r.gap_hi:.3f}], {r.pairs} pairs, cells {r.cells}"
+        heatmap(part, rows, cols, path, f"{function} {grid} {label}{note}\n{contrast}", value=value,
+                label=kind)
         files.append(path.name)
     return files
 

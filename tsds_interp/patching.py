@@ -32,18 +32,23 @@ from torch import Tensor
 from tsds_interp import checks
 from tsds_interp.forward import OwnWeights, use_own_weights
 from tsds_interp.metrics import _boot_mean, _paired, decision_scores, score_candidates
-from tsds_interp.rollout import rollout
+from tsds_interp.rollout import rollout, sample_steps
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
     Cell,
     Questions,
+    States,
     TaskConfig,
     answer_tokens,
     corrupt_digit,
+    corrupt_step_tokens,
     num_digits,
     prompt_tokens,
+    random_states,
     sample_questions,
+    state_tokens,
+    true_step_tokens,
 )
 
 Metric = Callable[[Tensor], Tensor]
@@ -179,6 +184,8 @@ def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, cells: str | 
     """
     if n < 1:
         raise ValueError(f"asked for {n} pairs; ask for at least 1")
+    if task.steps:
+        return _step_decision_pairs(model, task, n, seed, cells, samples, temperature, fallback, max_rounds)
     rule, chosen = _choose_cells(model, task, cells, samples, temperature, seed)
     rng = np.random.default_rng(seed)
     qa, qb, wrong = [], [], []
@@ -233,6 +240,8 @@ def sampling_pairs(task: TaskConfig, n: int, seed: int = 0, cells: str | tuple[s
         raise ValueError(f"asked for {n} pairs; ask for at least 1")
     chosen = task.train_cells if cells in ("all", "auto") else parse_cells(cells, task)
     rng = np.random.default_rng(seed)
+    if task.steps:
+        return _step_sampling_pairs(task, n, seed, chosen, rng)
     q = sample_questions(task, "test", n, seed=seed + 2, cells=chosen)
     a2 = corrupt_digit(q.a, task, rng)
     bad = num_digits(a2) != num_digits(q.a)  # keep the difficulty cell: redo leading-digit zeros
@@ -243,6 +252,57 @@ def sampling_pairs(task: TaskConfig, n: int, seed: int = 0, cells: str | tuple[s
     clean = torch.cat([prompt_tokens(q.a, q.b, task), ans], 1)
     corrupted = torch.cat([prompt_tokens(a2, q.b, task), ans], 1)
     return Pairs("sampling", clean, corrupted, ans, ["corruption"] * n, task.prompt_len, cells=_names(chosen),
+                 cell_rule="all" if chosen == task.train_cells else "given")
+
+
+def _step_decision_pairs(model, task: TaskConfig, n: int, seed: int, cells, samples: int, temperature: float,
+                         fallback: bool, max_rounds: int) -> Pairs:
+    """Step format: the same state (one drawn from a held-out question's correct episode), the true
+    step (clean) vs the model's own wrong step (corrupted). ``"auto"`` means every in-distribution cell:
+    in this format the decision is read per state, and every cell has states."""
+    rule, chosen = ("all", task.train_cells) if cells in ("all", "auto") else ("given", parse_cells(cells, task))
+    P, L = task.prompt_len, task.answer_len
+    states, wrong = [], []
+    for rnd in range(max_rounds):
+        s = random_states(task, "test", max(4 * n, 64), seed=seed + 1 + 1000 * rnd, cells=chosen)
+        idx = torch.arange(len(s)).repeat_interleave(samples)
+        steps = sample_steps(model, s[idx], task, temperature, seed=seed + 1000 * rnd)[0][:, P : P + L]
+        steps = steps.view(len(s), samples, L)
+        ok = (steps <= 9).all(2)
+        is_wrong = ok & ~(steps == true_step_tokens(s, task)[:, None]).all(2)
+        has = is_wrong.any(1).nonzero().squeeze(1)
+        states.append(s[has])
+        wrong.append(steps[has, is_wrong[has].float().argmax(1)])
+        if sum(len(x) for x in states) >= n:
+            break
+    s, w = States.cat(states)[:n], torch.cat(wrong)[:n]
+    k_model = len(s)
+    if k_model < n:
+        if not fallback:
+            raise ValueError(f"the model made only {k_model} wrong steps in cells {_names(chosen)}; ask for "
+                             "fewer pairs, other cells, a higher temperature, or allow the corruption fallback")
+        extra = random_states(task, "test", n - k_model, seed=seed + 7, cells=chosen)
+        s = States.cat([s, extra])
+        w = torch.cat([w, corrupt_step_tokens(true_step_tokens(extra, task), task, np.random.default_rng(seed))])
+    prompt, truth = state_tokens(s, task), true_step_tokens(s, task)
+    origin = ["model"] * k_model + ["corruption"] * (n - k_model)
+    return Pairs("decision", torch.cat([prompt, truth], 1), torch.cat([prompt, w], 1), truth, origin, P,
+                 cells=_names(chosen), cell_rule=rule)
+
+
+def _step_sampling_pairs(task: TaskConfig, n: int, seed: int, chosen: tuple[Cell, ...], rng) -> Pairs:
+    """Step format: two states one digit of x apart (same y and r); the metric is the log-prob of
+    the clean state's true step."""
+    s = random_states(task, "test", n, seed=seed + 2, cells=chosen)
+    x2 = corrupt_digit(s.x, task, rng)
+    bad = num_digits(x2) != num_digits(s.x)
+    while bad.any():
+        x2[bad] = corrupt_digit(s.x[bad], task, rng)
+        bad = num_digits(x2) != num_digits(s.x)
+    step = true_step_tokens(s, task)
+    clean = torch.cat([state_tokens(s, task), step], 1)
+    corrupted = torch.cat([state_tokens(States(x2, s.y, s.r), task), step], 1)
+    return Pairs("sampling", clean, corrupted, step, ["corruption"] * n, task.prompt_len, cells=_names(chosen),
                  cell_rule="all" if chosen == task.train_cells else "given")
 
 

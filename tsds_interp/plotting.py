@@ -13,15 +13,17 @@ import seaborn as sns  # noqa: E402
 
 
 def heatmap(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: str,
-            value: str = "value", annot: bool = True) -> Path:
-    """Annotated diverging heatmap of ``value`` over ``rows`` x ``cols`` (summed if repeated)."""
+            value: str = "value", annot: bool = True, label: str | None = None) -> Path:
+    """Annotated diverging heatmap of ``value`` over ``rows`` x ``cols`` (summed if repeated);
+    ``label`` names the colour bar (default: ``value``)."""
     table = df.pivot_table(index=rows, columns=cols, values=value, aggfunc="sum")
     width = max(4.0, 0.45 * table.shape[1] + 2)
     fig, ax = plt.subplots(figsize=(width, max(3.0, 0.5 * table.shape[0] + 1.5)))
     lim = float(table.abs().max().max()) or 1.0
     sns.heatmap(table, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim,
-                annot=annot and table.size <= 400, fmt=".2f", annot_kws={"size": 7})
-    ax.set_title(title)
+                annot=annot and table.size <= 400, fmt=".2f", annot_kws={"size": 7},
+                cbar_kws={"label": label or value})
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -75,8 +77,13 @@ def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the
     cells = [c for c in df.cell.unique() if c not in ("hard", "all")] + [c for c in ("hard", "all")
                                                                         if c in set(df.cell)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, metrics, ylabel in ((axes[0], ("within_auc@1", "between_auc"), "AUC (0.5 = ignores candidate)"),
-                                (axes[1], ("accept_gap_difficulty", "accept_gap_within"), "P(ACCEPT) gap")):
+    steps = "e_plus@1" in set(df.metric)
+    panels = ((("within_auc@1", "own_logprob_auc"), "within-state AUC (0.5 = ignores the step)"),
+              (("e_plus@1", "e_minus@1"), "first-attempt error rate"),
+              (("episode_accuracy", "episode_accuracy_no_reflection"), "episode accuracy")) if steps else (
+              (("within_auc@1", "between_auc"), "AUC (0.5 = ignores candidate)"),
+              (("accept_gap_difficulty", "accept_gap_within"), "P(ACCEPT) gap"))
+    for ax, (metrics, ylabel) in zip(axes, panels):
         part = df[df.metric.isin(metrics)]
         for i, metric in enumerate(metrics):
             rows = part[part.metric == metric].set_index("cell").reindex(cells)
@@ -86,6 +93,8 @@ def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8)
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    if steps:
+        return _save(fig, path, title)
     group = "hard" if "hard" in set(df.cell) else "all"
     att = df[(df.cell == group) & df.metric.str.match(r"p_d_given_[cw]@")].copy()
     att["attempt"] = att.metric.str.split("@").str[1]
@@ -98,6 +107,10 @@ def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the
     axes[2].legend(fontsize=8)
     axes[2].set_ylim(-0.02, 1.02)
     axes[2].set_title(f"decision rates by attempt ({group} cells)")
+    return _save(fig, path, title)
+
+
+def _save(fig, path: str | Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -28,9 +28,13 @@ from tsds_interp.task import (
     PAD,
     REJECT,
     Questions,
+    States,
     TaskConfig,
+    check_steps,
+    next_states,
     parse_candidate,
     prompt_tokens,
+    state_tokens,
     token_roles,
 )
 
@@ -123,18 +127,12 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
     decodes without a KV cache through the hooked model (the reference the cache is tested against).
     ``rows`` rolls out only those rows of ``questions``, with the random draws they get in the full
     batch (how data-parallel processes split one batch and still match a single process).
+    A step-format task returns :class:`StepRollouts` (see :func:`step_rollout`).
     """
-    task = task or config_of(model).task
-    if budget is not None:
-        task = TaskConfig(**{**task.to_dict(), "budget": budget})
-    if len(questions) == 0:
-        raise ValueError("no questions to roll out; pass at least one")
-    checks.number("temperature", temperature, lo=0, hi=100)
-    if decision_temperature is not None:
-        checks.number("decision_temperature", decision_temperature, lo=0, hi=100)
-    checks.seed(seed)
-    checks.number("batch_size", batch_size, lo=1, hi=2**24, integer=True)
-    dtemp = temperature if decision_temperature is None else decision_temperature
+    task, dtemp = _rollout_settings(model, questions, task, budget, temperature, decision_temperature,
+                                    seed, batch_size)
+    if task.steps:
+        return _step_rollout(model, questions, task, temperature, dtemp, seed, batch_size, cached, rows)
     n_steps = task.budget * task.attempt_len
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(len(questions), n_steps, generator=gen, dtype=torch.float64)
@@ -148,6 +146,20 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
         parts.append(_rollout_batch(model, questions[sl], uniforms[sl], task, temperature, dtemp,
                                     decoder, device))
     return Rollouts.cat(parts)
+
+
+def _rollout_settings(model, questions, task, budget, temperature, decision_temperature, seed, batch_size):
+    task = task or config_of(model).task
+    if budget is not None:
+        task = TaskConfig(**{**task.to_dict(), "budget": budget})
+    if len(questions) == 0:
+        raise ValueError("no questions to roll out; pass at least one")
+    checks.number("temperature", temperature, lo=0, hi=100)
+    if decision_temperature is not None:
+        checks.number("decision_temperature", decision_temperature, lo=0, hi=100)
+    checks.seed(seed)
+    checks.number("batch_size", batch_size, lo=1, hi=2**24, integer=True)
+    return task, temperature if decision_temperature is None else decision_temperature
 
 
 def _rollout_batch(model, q: Questions, uniforms, task: TaskConfig, temp: float, dtemp: float,
@@ -209,5 +221,158 @@ def _summarize(q: Questions, tokens, logprobs, decisions, malformed, task: TaskC
                     n_attempts=n_attempts, malformed=malformed, final_correct=final_correct)
 
 
-__all__ = ["Rollouts", "rollout", "sample_tokens", "UncachedStepper",
+# ---------------------------------------------------------------- step format episodes
+
+@dataclass
+class StepRollouts:
+    """Step-format episodes: per episode (``n``) the question and outcome, per attempt (``m``, every
+    call's every attempt, grouped by episode in the order made) its tokens ``BOS state step decision EOS``."""
+
+    a: Int[Tensor, " n"]
+    b: Int[Tensor, " n"]
+    final_value: Int[Tensor, " n"]            # running sum of the last taken step; -1 if none or malformed
+    final_correct: Bool[Tensor, " n"]
+    n_calls: Int[Tensor, " n"]                 # calls made (steps taken, the malformed one included)
+    malformed: Bool[Tensor, " n"]              # a non-digit step token or a non-decision decision token
+    episode: Int[Tensor, " m"]
+    call: Int[Tensor, " m"]
+    attempt: Int[Tensor, " m"]
+    tokens: Int[Tensor, "m pos"]
+    roles: Int[Tensor, "m pos"]
+    logprobs: Float[Tensor, "m pos"]
+    step_correct: Bool[Tensor, " m"]           # the checker's label of the step against its own state
+    decisions: Int[Tensor, " m"]               # ACCEPTED / REJECTED / INVALID (NOT_REACHED if malformed step)
+    taken: Bool[Tensor, " m"]                  # the step the episode went on with (accepted or last)
+    budget: int = 1                            # attempts per call
+
+    @property
+    def reward(self) -> Float[Tensor, " n"]:
+        return self.final_correct.float()
+
+    @property
+    def questions(self) -> Questions:
+        return Questions(self.a, self.b)
+
+    @property
+    def n_attempts(self) -> Int[Tensor, " n"]:
+        """Attempts per episode, all calls together."""
+        return torch.bincount(self.episode, minlength=len(self))
+
+    def __len__(self) -> int:
+        return self.a.shape[0]
+
+
+def _step_rollout(model, q: Questions, task: TaskConfig, temp: float, dtemp: float, seed: int,
+                  batch_size: int, cached: bool, rows: slice | None) -> StepRollouts:
+    """Episodes as chains of calls. Each round, every live episode makes one attempt from its current
+    state (all of them batched): the step at ``temp``, the decision at ``dtemp``. ACCEPT, or the
+    ``budget``-th attempt, takes the step: the next state is the one it wrote, and the episode ends
+    when that state's y is 0 (the answer is its r) or after ``max_calls`` calls; REJECT resamples from
+    the same state (the rejected step is not in context). A malformed step or decision ends it."""
+    n_rounds = task.max_calls * task.budget
+    gen = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(len(q), n_rounds, task.attempt_len, generator=gen, dtype=torch.float64)
+    if rows is not None:
+        q, uniforms = q[rows], uniforms[rows]
+    device = next(model.parameters()).device
+    decoder = KVCache if cached and use_own_weights(model, "rollout") else UncachedStepper
+    n = len(q)
+    state = States(q.a.clone(), q.b.clone(), torch.zeros_like(q.a))
+    call, attempt = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    final_value, malformed = torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
+    live = torch.arange(n)
+    parts = []
+    for rnd in range(n_rounds):
+        if len(live) == 0:
+            break
+        s = state[live]
+        tokens, logprobs = _decode_attempts(model, decoder, state_tokens(s, task), uniforms[live, rnd],
+                                            task, temp, dtemp, batch_size, device)
+        step = tokens[:, task.prompt_len : task.prompt_len + task.answer_len]
+        dec_tok = tokens[:, task.prompt_len + task.answer_len]
+        bad_step = (step > 9).any(1)
+        valid_dec = (dec_tok == ACCEPT) | (dec_tok == REJECT)
+        bad = bad_step | ~valid_dec
+        decisions = torch.where(valid_dec, (dec_tok == ACCEPT).long(), torch.full_like(dec_tok, INVALID))
+        decisions[bad_step] = NOT_REACHED
+        taken = ~bad & ((dec_tok == ACCEPT) | (attempt[live] == task.budget - 1))
+        correct = check_steps(s, step.clamp(max=9), task) & ~bad_step
+        tokens, logprobs = _end_attempts(tokens, logprobs, task)
+        parts.append(dict(episode=live, call=call[live], attempt=attempt[live], tokens=tokens,
+                          roles=token_roles(tokens, task), logprobs=logprobs, step_correct=correct,
+                          decisions=decisions, taken=taken))
+        nxt = next_states(s, step, task)
+        moved = live[taken]
+        state.y[moved], state.r[moved] = nxt.y[taken], nxt.r[taken]
+        call[moved] += 1
+        attempt[moved] = 0
+        attempt[live[~taken & ~bad]] += 1
+        malformed[live[bad]] = True
+        solved = taken & (nxt.y == 0)
+        final_value[live[solved]] = nxt.r[solved]
+        over = taken & (call[live] >= task.max_calls)
+        live = live[~(bad | solved | over)]
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    order = torch.sort(cat["episode"], stable=True).indices  # by episode, each in the order made
+    cat = {k: v[order] for k, v in cat.items()}
+    final_correct = (final_value == q.a * q.b) & ~malformed
+    return StepRollouts(a=q.a, b=q.b, final_value=final_value, final_correct=final_correct,
+                        n_calls=call + malformed.long(), malformed=malformed, budget=task.budget, **cat)
+
+
+@torch.no_grad()
+def sample_steps(model, states: States, task: TaskConfig, temperature: float = 1.0, seed: int = 0,
+                 decision_temperature: float | None = None, batch_size: int = 2048, cached: bool = True
+                 ) -> tuple[Int[Tensor, "n pos"], Float[Tensor, "n pos"]]:
+    """One attempt (``BOS state step decision EOS``) per state, as :func:`rollout` draws them
+    (KV-cached where exact unless ``cached=False``, temperature 0 greedy); tokens and their
+    log-probs at temperature 1."""
+    if len(states) == 0:
+        raise ValueError("no states to sample steps from; pass at least one")
+    checks.number("temperature", temperature, lo=0, hi=100)
+    gen = torch.Generator().manual_seed(seed)
+    uniforms = torch.rand(len(states), task.attempt_len, generator=gen, dtype=torch.float64)
+    decoder = KVCache if cached and use_own_weights(model, "rollout") else UncachedStepper
+    dtemp = temperature if decision_temperature is None else decision_temperature
+    tokens, logprobs = _decode_attempts(model, decoder, state_tokens(states, task), uniforms, task, temperature,
+                                        dtemp, batch_size, next(model.parameters()).device)
+    return _end_attempts(tokens, logprobs, task)
+
+
+def _decode_attempts(model, decoder: type, prompt: Int[Tensor, "n p"], uniforms: Float[Tensor, "n t"],
+                     task: TaskConfig, temp: float, dtemp: float, batch_size: int, device
+                     ) -> tuple[Int[Tensor, "n pos"], Float[Tensor, "n pos"]]:
+    """One attempt (step and decision) per prompt; tokens end with EOS, log-probs at temperature 1."""
+    n, P = prompt.shape
+    tokens = torch.full((n, task.max_len), EOS, dtype=torch.long)
+    tokens[:, :P] = prompt
+    logprobs = torch.zeros(n, task.max_len)
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        stepper = decoder(model, len(prompt[sl]), task.max_len)
+        logits = stepper.prefill(prompt[sl].to(device))
+        for t in range(task.attempt_len):
+            token = sample_tokens(logits, dtemp if t == task.answer_len else temp, uniforms[sl, t].to(device))
+            tokens[sl, P + t] = token.cpu()
+            logprobs[sl, P + t] = logits.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1).cpu()
+            if t < task.attempt_len - 1:
+                logits = stepper.step(token)
+    return tokens, logprobs
+
+
+def _end_attempts(tokens: Tensor, logprobs: Tensor, task: TaskConfig) -> tuple[Tensor, Tensor]:
+    """An attempt ends at its first malformed token: EOS after it (unless it is EOS), PAD beyond."""
+    P, L = task.prompt_len, task.answer_len
+    body = tokens[:, P : P + L + 1]
+    bad = torch.cat([body[:, :L] > 9, ~((body[:, L:] == ACCEPT) | (body[:, L:] == REJECT))], 1)
+    first = torch.where(bad.any(1), bad.float().argmax(1), torch.full((len(tokens),), L)) + P
+    pos = torch.arange(tokens.shape[1])
+    after = pos[None] > first[:, None]
+    tokens = torch.where(after, PAD, tokens)
+    ends = tokens[torch.arange(len(tokens)), first] != EOS
+    tokens[ends, first[ends] + 1] = EOS
+    return tokens, torch.where(after, 0.0, logprobs)
+
+
+__all__ = ["Rollouts", "StepRollouts", "rollout", "sample_steps", "sample_tokens", "UncachedStepper",
            "ACCEPTED", "REJECTED", "INVALID", "NOT_REACHED"]

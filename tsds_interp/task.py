@@ -54,12 +54,15 @@ class TaskConfig:
 
     ``train_cells`` are the in-distribution difficulty cells (digits of a, digits of b); a
     deterministic hash of each question puts ``test_fraction`` of them in the held-out test split.
-    ``ood_cells`` are never trained on.
+    ``ood_cells`` are never trained on. ``task_format="oneshot"`` writes the product as one
+    candidate; ``"steps"`` solves it as a chain of reflective calls over reduced states (the
+    section "Step format" below; ``budget`` is then the attempts per call).
     """
 
     width: int = 3
     budget: int = 3
     answer_order: Literal["reversed", "forward"] = "reversed"
+    task_format: Literal["oneshot", "steps"] = "oneshot"
     train_cells: tuple[Cell, ...] = field(default_factory=_default_train_cells)
     ood_cells: tuple[Cell, ...] = ((3, 3),)
     test_fraction: float = 0.1
@@ -70,6 +73,8 @@ class TaskConfig:
         checks.number("test_fraction", self.test_fraction, lo=0, hi=0.99, lo_open=True)
         object.__setattr__(self, "train_cells", _cells("train_cells", self.train_cells))
         object.__setattr__(self, "ood_cells", _cells("ood_cells", self.ood_cells))
+        if self.task_format not in ("oneshot", "steps"):
+            raise ValueError(f"task_format must be 'oneshot' or 'steps', got {self.task_format!r}")
         if self.answer_order not in ("reversed", "forward"):
             raise ValueError(f"answer_order must be 'reversed' or 'forward', got {self.answer_order!r}")
         for da, db in (*self.train_cells, *self.ood_cells):
@@ -79,12 +84,24 @@ class TaskConfig:
             raise ValueError("train_cells is empty: give at least one (digits_a, digits_b) cell")
 
     @property
+    def steps(self) -> bool:
+        """True for the step format (one sequence per call: ``BOS state step decision EOS``)."""
+        return self.task_format == "steps"
+
+    @property
     def prompt_len(self) -> int:
-        return 2 * self.width + 3
+        """One-shot: ``BOS a * b =``; steps: ``BOS x * y = r``."""
+        return 4 * self.width + 3 if self.steps else 2 * self.width + 3
 
     @property
     def answer_len(self) -> int:
-        return 2 * self.width
+        """One-shot: the candidate product; steps: the step ``u y' p r'``."""
+        return 5 * self.width + 1 if self.steps else 2 * self.width
+
+    @property
+    def max_calls(self) -> int:
+        """Steps: the most calls an episode makes (one per digit of y)."""
+        return self.width
 
     @property
     def attempt_len(self) -> int:
@@ -93,8 +110,9 @@ class TaskConfig:
 
     @property
     def max_len(self) -> int:
-        """Length of a full-budget trajectory including the final EOS."""
-        return self.prompt_len + self.budget * self.attempt_len + 1
+        """Length of a full-budget trajectory including the final EOS (steps: of one attempt of a
+        call; the rejected step is not in the next attempt's context)."""
+        return self.prompt_len + (1 if self.steps else self.budget) * self.attempt_len + 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -325,4 +343,152 @@ def rejected_candidate_tokens(tokens: Int[Tensor, "batch pos"], task: TaskConfig
         cand, dec = slice(start, start + task.answer_len), start + task.answer_len
         rejected = (tokens[:, dec] == REJECT) & (roles[:, dec] == DECISION)
         out[:, cand] = rejected[:, None] & (roles[:, cand] == SAMPLE)
+    return out
+
+
+# ---------------------------------------------------------------- step format
+#
+# Multiplication as steps over reduced states (Yu et al. 2025). The state ``x * y + r`` is written
+# ``BOS x * y = r`` and a step ``u y' p r'``, every number least-significant digit first and
+# zero-padded (x, y, y': ``width`` digits; r, p, r': ``2 * width``). A step takes the lowest
+# nonzero digit u of y (at place k), zeroes it (y' = y - u 10^k), writes the shifted partial
+# product p = u x 10^k and the new running sum r' = r + p. The next call's state is
+# ``x * y' = r'``; once y' is 0 the answer is r'. Example, width 2, 12 * 34 + 0:
+#
+#   prompt  <bos> 2 1 * 4 3 = 0 0 0 0      (x = 12, y = 34, r = 0)
+#   step    4 0 3 8 4 0 0 8 4 0 0          (u = 4, y' = 30, p = 48, r' = 48)
+#   then    <accept> <eos>
+#   next    <bos> 2 1 * 0 3 = 8 4 0 0  ->  3 0 0 0 6 3 0 8 0 4 0  (u = 3, y' = 0, p = 360, r' = 408)
+
+def lsb_digits(n: Int[Tensor, " n"], k: int) -> Int[Tensor, "n k"]:
+    """Least-significant-first decimal digits of ``n``, zero-padded to ``k``."""
+    return (n[:, None] // 10 ** torch.arange(k)) % 10
+
+
+def lsb_value(digits: Int[Tensor, "n k"]) -> Int[Tensor, " n"]:
+    """Inverse of :func:`lsb_digits`; -1 where a token is not a digit."""
+    value = (digits.clamp(max=9) * 10 ** torch.arange(digits.shape[1])).sum(1)
+    return torch.where((digits <= 9).all(1), value, torch.full_like(value, -1))
+
+
+@dataclass(frozen=True)
+class States:
+    """Reduced states ``x * y + r`` of the step format (one per row)."""
+
+    x: Int[Tensor, " n"]
+    y: Int[Tensor, " n"]
+    r: Int[Tensor, " n"]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, idx) -> States:
+        return States(self.x[idx], self.y[idx], self.r[idx])
+
+    @staticmethod
+    def cat(parts: list[States]) -> States:
+        return States(*(torch.cat([getattr(p, k) for p in parts]) for k in ("x", "y", "r")))
+
+
+def _check_steps_task(task: TaskConfig) -> None:
+    if not task.steps:
+        raise ValueError("this function belongs to the step format; build the task with task_format='steps'")
+
+
+def state_tokens(s: States, task: TaskConfig) -> Int[Tensor, "n prompt"]:
+    """``BOS x * y = r`` (least-significant digits first)."""
+    _check_steps_task(task)
+    W, n = task.width, len(s)
+    if len(s) and (s.x.max() >= 10**W or s.y.max() >= 10**W or s.r.max() >= 10 ** (2 * W)):
+        raise ValueError(f"a state does not fit width {task.width}: x, y need at most {W} digits, r {2 * W}")
+    col = lambda tok: torch.full((n, 1), tok, dtype=torch.long)
+    return torch.cat([col(BOS), lsb_digits(s.x, W), col(MUL), lsb_digits(s.y, W), col(EQ),
+                      lsb_digits(s.r, 2 * W)], 1)
+
+
+def parse_states(prompt: Int[Tensor, "n prompt"], task: TaskConfig) -> States:
+    """Inverse of :func:`state_tokens`."""
+    W = task.width
+    return States(lsb_value(prompt[:, 1 : 1 + W]), lsb_value(prompt[:, 2 + W : 2 + 2 * W]),
+                  lsb_value(prompt[:, 3 + 2 * W : 3 + 4 * W]))
+
+
+def true_step_tokens(s: States, task: TaskConfig) -> Int[Tensor, "n step"]:
+    """The correct step ``u y' p r'`` from each state (y must be nonzero)."""
+    _check_steps_task(task)
+    W = task.width
+    if len(s) and (s.y <= 0).any():
+        raise ValueError("a state with y = 0 is solved; it has no step")
+    digits = lsb_digits(s.y, W)
+    place = (digits > 0).float().argmax(1)
+    u = digits.gather(1, place[:, None]).squeeze(1)
+    p = u * s.x * 10**place
+    y_next = s.y - u * 10**place
+    return torch.cat([u[:, None], lsb_digits(y_next, W), lsb_digits(p, 2 * W), lsb_digits(s.r + p, 2 * W)], 1)
+
+
+def step_fields(step: Int[Tensor, "n step"], task: TaskConfig) -> dict[str, Int[Tensor, " n"]]:
+    """Values of a step's fields ``u``, ``y`` (next y), ``p`` and ``r`` (next r); -1 where malformed."""
+    W = task.width
+    return {"u": lsb_value(step[:, :1]), "y": lsb_value(step[:, 1 : 1 + W]),
+            "p": lsb_value(step[:, 1 + W : 1 + 3 * W]), "r": lsb_value(step[:, 1 + 3 * W : 1 + 5 * W])}
+
+
+def check_steps(s: States, step: Int[Tensor, "n step"], task: TaskConfig) -> Bool[Tensor, " n"]:
+    """Exact checker of the step format: is each step the correct step from its state?"""
+    return (step == true_step_tokens(s, task)).all(1)
+
+
+def next_states(s: States, step: Int[Tensor, "n step"], task: TaskConfig) -> States:
+    """The state a taken step leads to (x kept; y and r as the step wrote them, -1 if malformed)."""
+    f = step_fields(step, task)
+    return States(s.x, f["y"], f["r"])
+
+
+def n_calls(b: Int[Tensor, " n"], task: TaskConfig) -> Int[Tensor, " n"]:
+    """Calls of a correct episode: the nonzero digits of b."""
+    return (lsb_digits(b, task.width) > 0).sum(1)
+
+
+def solution_states(a: Int[Tensor, " n"], b: Int[Tensor, " n"], task: TaskConfig, call: Int[Tensor, " n"]
+                    ) -> States:
+    """The state before call ``call`` (0-based) of the correct episode for ``a * b``."""
+    _check_steps_task(task)
+    if len(a) and ((call < 0) | (call >= n_calls(b, task))).any():
+        raise ValueError("call index past the end of the episode")
+    digits = lsb_digits(b, task.width)
+    nz_before = (digits > 0).long().cumsum(1) - (digits > 0).long()  # nonzero digits below each place
+    done = (digits > 0) & (nz_before < call[:, None])  # the lowest `call` nonzero digits are processed
+    powers = 10 ** torch.arange(task.width)
+    processed = (digits * done * powers).sum(1)
+    return States(a.clone(), b - processed, a * processed)
+
+
+def random_states(task: TaskConfig, split: str, n: int, seed: int, cells=None) -> States:
+    """One state per question of ``split``: the state before a uniformly drawn call of its correct
+    episode (so every call index of every cell is trained on)."""
+    q = sample_questions(task, split, n, seed, cells)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
+    call = (u * n_calls(q.b, task)).long()
+    return solution_states(q.a, q.b, task, call)
+
+
+def corrupt_step_tokens(step: Int[Tensor, "n step"], task: TaskConfig, rng: np.random.Generator
+                        ) -> Int[Tensor, "n step"]:
+    """Each step with one digit changed (never a no-op): in the partial product or the new sum
+    (0.4 each; a place among the value's digits and one above) or in u or y' (0.1 each)."""
+    W = task.width
+    out = step.clone()
+    f = step_fields(step, task)
+    for i in range(len(step)):
+        field = rng.choice(4, p=[0.1, 0.1, 0.4, 0.4])
+        if field == 0:
+            pos = 0
+        elif field == 1:
+            pos = 1 + int(rng.integers(0, W))
+        else:
+            start, value = (1 + W, int(f["p"][i])) if field == 2 else (1 + 3 * W, int(f["r"][i]))
+            pos = start + int(rng.integers(0, min(2 * W, len(str(max(value, 0))) + 1)))
+        d = int(out[i, pos])
+        out[i, pos] = int(rng.choice([x for x in range(10) if x != d]))
     return out

@@ -64,6 +64,7 @@ from tsds_interp.rollout import rollout
 from tsds_interp.task import (
     DECISION,
     PAD,
+    PADDING,
     SAMPLE,
     TaskConfig,
     rejected_candidate_tokens,
@@ -100,6 +101,7 @@ class TrainConfig:
     budget: int = 3
     train_cells: str = "1x1,1x2,2x1,2x2,1x3,3x1,2x3,3x2"
     ood_cells: str = "3x3"
+    task_format: str = "oneshot"  # "steps": reflective calls over reduced states
     # reflective SFT
     sft_questions: int = 8192
     first_right_fraction: float = 0.5
@@ -120,6 +122,7 @@ class TrainConfig:
     advantage: str = "grpo"
     discount: float = 1.0
     temperature: float = 1.0
+    rl_rejected_samples: str = "train"  # "mask": no policy gradient on rejected steps' tokens (steps)
     device: str = "cpu"
     autocast: str = "none"  # "bf16": bfloat16 autocast for forward passes (training and rollouts)
 
@@ -145,7 +148,7 @@ class TrainConfig:
             raise ValueError(f"--train-cells and --ood-cells are comma-separated AxB cells such as 1x2,2x1; "
                              f"got {self.train_cells!r} and {self.ood_cells!r}") from None
         try:
-            return TaskConfig(width=self.width, budget=self.budget, **cells)
+            return TaskConfig(width=self.width, budget=self.budget, task_format=self.task_format, **cells)
         except (ValueError, TypeError) as e:
             raise ValueError(f"bad task settings: {e}") from None
 
@@ -175,7 +178,8 @@ REAL_RANGES = {"lr": (0, 10, True), "weight_decay": (0, 10, False), "grad_clip":
                "beta": (0, 1e3, False), "discount": (0, 1, True), "temperature": (0, 100, True)}
 CHOICES = {"weighting": WEIGHTINGS, "kl_estimator": ("k1", "k3"), "autocast": ("none", "bf16"),
            "sft_mix": ("fixed", "natural"), "rejected_samples": ("train", "skip"),
-           "advantage": ("grpo", "reinforce")}
+           "advantage": ("grpo", "reinforce"), "task_format": ("oneshot", "steps"),
+           "rl_rejected_samples": ("train", "mask")}
 # Settings a resumed run may change; any other difference would not continue the same run.
 RESUME_MAY_CHANGE = ("steps", "log_every", "eval_every", "ckpt_every", "eval_questions", "eval_temperature",
                      "device")
@@ -211,6 +215,32 @@ PRESETS: dict[str, dict[str, dict]] = {
                    ckpt_every=25, log_every=5),
     },
 }
+# The step format (reduced states, one call per digit of y). steps_small: in-distribution up to 4x4 digits,
+# 5x5 out of distribution, the 4-layer d_model 128 model of "small"; SFT on the model's own steps
+# labelled by the checker with paired verification rows (same state, right and wrong step), rejected
+# steps not imitated, the decision given most of the loss; RL with one outcome reward per episode.
+_STEPS_TINY = dict(_TINY_MODEL, task_format="steps")
+_STEPS_SMALL = dict(task_format="steps", width=5, budget=3, ood_cells="5x5",
+                    train_cells=",".join(f"{i}x{j}" for i in range(1, 5) for j in range(1, 5)))
+_STEPS_SFT = dict(sft_mix="natural", rejected_samples="skip", weighting="role_balanced", decision_share=0.8,
+                  sft_temperature=1.0)
+PRESETS["steps_tiny"] = {
+    "pretrain": dict(PRESETS["tiny"]["pretrain"], **_STEPS_TINY),
+    "sft": dict(PRESETS["tiny"]["sft"], **_STEPS_TINY, **_STEPS_SFT, verify_questions=512),
+    "rl": dict(PRESETS["tiny"]["rl"], **_STEPS_TINY),
+}
+PRESETS["steps_small"] = {
+    "pretrain": dict(_STEPS_SMALL, steps=600, batch_size=256, lr=2e-3, warmup=50, eval_every=200,
+                     ckpt_every=250, log_every=50),
+    "sft": dict(_STEPS_SMALL, **_STEPS_SFT, steps=800, batch_size=256, lr=1e-3, warmup=30, sft_questions=16384,
+                verify_questions=32768, eval_every=200, ckpt_every=200, log_every=20),
+    "rl": dict(_STEPS_SMALL, steps=150, lr=2e-4, warmup=10, questions_per_step=32, group=8, eval_every=50,
+               ckpt_every=25, log_every=5),
+}
+PRESETS["steps_paper"] = {stage: dict(cfg, task_format="steps", **(_STEPS_SFT if stage == "sft" else {}))
+                          for stage, cfg in PRESETS["paper"].items()}
+PRESETS["steps_paper"]["sft"]["verify_questions"] = 131072
+
 # The small preset with the reflective-SFT recipe whose decision checks (some) candidates: the model's
 # natural accuracy per cell, rejected candidates not imitated, paired verification rows, decision
 # tokens given 0.8 of the loss at twice the learning rate. Pretraining and RL are those of "small".
@@ -475,8 +505,13 @@ class Trainer:
         with torch.no_grad():
             old_logp, _ = token_logprobs(self.forward, tokens)
             ref_logp, _ = token_logprobs(self.ref_forward, tokens)
-        reward = discounted_reward(r.reward, r.n_attempts, cfg.discount).to(cfg.device)
+        retries = r.n_attempts - (r.n_calls - 1 if self.task.steps else 0)  # 1 when nothing was rejected
+        reward = discounted_reward(r.reward, retries, cfg.discount).to(cfg.device)
         adv = advantages(reward, cfg.group, cfg.advantage)
+        if self.task.steps:  # every attempt of an episode shares its outcome's advantage
+            adv = adv[r.episode.to(cfg.device)]
+            if cfg.rl_rejected_samples == "mask":
+                roles = roles.masked_fill(rejected_candidate_tokens(tokens, self.task, roles), PADDING)
         n = len(q)
         return tokens, roles, old_logp, ref_logp, adv, {
             "reward": self.dist.sum(r.reward.sum()).item() / n,

@@ -25,6 +25,9 @@ SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "
            "between_auc", "own_logprob_auc",
            "corruption_auc", "logit_gap@1", "accept_gap", "accept_gap_difficulty", "accept_gap_within",
            "p_d_given_c@1", "p_d_given_w@1")
+STEP_SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "logit_gap@1", "e_plus@1",
+                "e_minus@1", "own_logprob_auc", "corruption_auc", "episode_accuracy",
+                "episode_accuracy_no_reflection", "reflection_gain")
 
 
 def _parser() -> cli.Parser:
@@ -59,7 +62,8 @@ def _verify(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "verification.csv", index=False)
     verification_plot(df, out / "verification.png", f"Does the decision verify? ({path.name})")
-    table = df[df.metric.isin(SUMMARY)].pivot(index="metric", columns="cell", values="value").reindex(SUMMARY)
+    summary = STEP_SUMMARY if task.steps else SUMMARY
+    table = df[df.metric.isin(summary)].pivot(index="metric", columns="cell", values="value").reindex(summary)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"verification of {path} on {args.questions} held-out questions x {args.samples} samples, "
               f"{elapsed:.1f}s")

@@ -1,0 +1,289 @@
+"""The step format: token layout, checker, episode driver, data, measures, patching, training."""
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tl_reference import assert_grids_match
+from tsds_interp.data import reflective_sft_data, solution_batch, verification_data
+from tsds_interp.metrics import (
+    StepVerificationData,
+    _step_verification_rows,
+    ds_metrics,
+    verification_metrics,
+)
+from tsds_interp.model import ModelConfig, build_model, load
+from tsds_interp.patching import decision_pairs, sampling_pairs
+from tsds_interp.rollout import ACCEPTED, REJECTED, StepRollouts, rollout, sample_steps
+from tsds_interp.task import (
+    ACCEPT,
+    DECISION,
+    END,
+    EOS,
+    PAD,
+    PROMPT,
+    REJECT,
+    SAMPLE,
+    States,
+    TaskConfig,
+    check_steps,
+    corrupt_step_tokens,
+    decode,
+    n_calls,
+    next_states,
+    parse_states,
+    sample_questions,
+    solution_states,
+    state_tokens,
+    step_fields,
+    token_roles,
+    true_step_tokens,
+)
+from tsds_interp.train import Interrupted, preset_config, train_stage
+
+STEPS = TaskConfig(width=2, budget=2, task_format="steps", train_cells=((1, 1), (1, 2), (2, 1)), ood_cells=((2, 2),))
+W3 = TaskConfig(width=3, budget=3, task_format="steps", train_cells=((2, 2), (3, 3)), ood_cells=())
+
+
+def _states(x, y, r):
+    return States(torch.tensor(x), torch.tensor(y), torch.tensor(r))
+
+
+def test_layout_and_roles_of_a_worked_example():
+    s = _states([12], [34], [0])
+    assert decode(state_tokens(s, STEPS)[0]) == "<bos> 2 1 * 4 3 = 0 0 0 0"
+    step = true_step_tokens(s, STEPS)
+    assert decode(step[0]) == "4 0 3 8 4 0 0 8 4 0 0"  # u=4, y'=30, p=48, r'=48
+    nxt = next_states(s, step, STEPS)
+    assert (nxt.x.item(), nxt.y.item(), nxt.r.item()) == (12, 30, 48)
+    step2 = true_step_tokens(nxt, STEPS)
+    assert decode(step2[0]) == "3 0 0 0 6 3 0 8 0 4 0"  # u=3, y'=0, p=360, r'=408 = 12 * 34
+    row = torch.cat([state_tokens(s, STEPS), step, torch.tensor([[ACCEPT, EOS]])], 1)
+    assert row.shape[1] == STEPS.max_len == STEPS.prompt_len + STEPS.answer_len + 2
+    roles = token_roles(row, STEPS)[0].tolist()
+    assert roles == [PROMPT] * 11 + [SAMPLE] * 11 + [DECISION, END]
+    got = parse_states(state_tokens(s, STEPS), STEPS)
+    assert (got.x.item(), got.y.item(), got.r.item()) == (12, 34, 0)
+    f = step_fields(step, STEPS)
+    assert [int(f[k]) for k in "uypr"] == [4, 30, 48, 48]
+
+
+def test_zero_digits_of_y_are_skipped_and_chains_reach_the_product():
+    q = sample_questions(W3, "train", 300, seed=0)
+    s = States(q.a.clone(), q.b.clone(), torch.zeros_like(q.a))
+    for call in range(W3.max_calls):
+        live = s.y > 0
+        expect = solution_states(q.a[live], q.b[live], W3, torch.full((int(live.sum()),), call))
+        assert torch.equal(expect.y, s.y[live]) and torch.equal(expect.r, s.r[live])
+        nxt = next_states(s[live], true_step_tokens(s[live], W3), W3)
+        s.y[live], s.r[live] = nxt.y, nxt.r
+    assert (s.y == 0).all() and torch.equal(s.r, q.a * q.b)
+    assert n_calls(torch.tensor([101, 100, 7]), W3).tolist() == [2, 1, 1]
+
+
+def test_checker_on_right_wrong_and_malformed_steps():
+    s = _states([12, 12, 12], [34, 34, 34], [0, 0, 0])
+    truth = true_step_tokens(s, STEPS)
+    wrong = truth.clone()
+    wrong[1, -4] = 9  # r' digit
+    bad = truth.clone()
+    bad[2, 3] = ACCEPT
+    steps = torch.stack([truth[0], wrong[1], bad[2]])
+    assert check_steps(s, steps, STEPS).tolist() == [True, False, False]
+    corrupted = corrupt_step_tokens(truth.repeat(50, 1), STEPS, np.random.default_rng(0))
+    assert not check_steps(s[torch.zeros(150, dtype=torch.long)], corrupted, STEPS).any()
+    assert ((corrupted != truth.repeat(50, 1)).sum(1) == 1).all()  # exactly one digit changed
+    with pytest.raises(ValueError, match="task_format='steps'"):
+        true_step_tokens(s, TaskConfig())
+    with pytest.raises(ValueError, match="y = 0"):
+        true_step_tokens(_states([1], [0], [0]), STEPS)
+    with pytest.raises(ValueError, match="does not fit"):
+        state_tokens(_states([100], [1], [0]), STEPS)
+
+
+class _StepScript(torch.nn.Module):
+    """One-hot logits that write a scripted attempt from whatever state is in the prompt.
+
+    ``mode``: "right" (true step, ACCEPT); "first_call_wrong" (at r = 0 the true step with r' off in
+    its lowest digit, REJECT; elsewhere true + ACCEPT); "stuck" (y' = y, never finishes, ACCEPT);
+    "bad_decision" (true step, PAD)."""
+
+    def __init__(self, task, mode):
+        super().__init__()
+        self.task, self.mode = task, mode
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.tsds_config = ModelConfig(n_layers=1, d_model=4, n_heads=1, d_mlp=4, task=task)
+
+    def forward(self, tokens):
+        task, P = self.task, self.task.prompt_len
+        n, T = tokens.shape
+        s = parse_states(tokens[:, :P], task)
+        step = true_step_tokens(s, task)
+        dec = torch.full((n,), ACCEPT)
+        if self.mode == "first_call_wrong":
+            first = s.r == 0
+            step[first, 1 + 3 * task.width] = (step[first, 1 + 3 * task.width] + 1) % 10
+            dec[first] = REJECT
+        elif self.mode == "stuck":
+            step[:, 1 : 1 + task.width] = tokens[:, 2 + task.width : 2 + 2 * task.width]
+        elif self.mode == "bad_decision":
+            dec[:] = PAD
+        script = torch.cat([tokens[:, :P], step, dec[:, None], torch.full((n, 1), EOS)], 1)
+        logits = torch.full((n, T, 17), -1e4)
+        logits.scatter_(2, script[:, 1 : T + 1, None], 0.0)
+        return logits
+
+
+def test_episode_driver_on_scripted_policies():
+    q = sample_questions(W3, "train", 40, seed=2)
+    calls = n_calls(q.b, W3)
+    r = rollout(_StepScript(W3, "right"), q, task=W3, temperature=0.0, cached=False)
+    assert isinstance(r, StepRollouts)
+    assert r.final_correct.all() and torch.equal(r.final_value, q.a * q.b) and torch.equal(r.n_calls, calls)
+    assert torch.equal(r.n_attempts, calls) and r.step_correct.all() and (r.decisions == ACCEPTED).all()
+    assert torch.equal(r.roles, token_roles(r.tokens, W3)) and (r.roles == DECISION).sum(1).eq(1).all()
+
+    r = rollout(_StepScript(W3, "first_call_wrong"), q, task=W3, temperature=0.0, cached=False)
+    first = r.call == 0
+    assert (r.attempt[first].view(-1, W3.budget) == torch.arange(W3.budget)).all()  # resampled up to the budget
+    assert not r.step_correct[first].any() and (r.decisions[first] == REJECTED).all()
+    assert r.taken[first].view(-1, W3.budget)[:, -1].all()  # at the budget the last step is taken anyway
+    assert r.step_correct[~first].all() and (r.decisions[~first] == ACCEPTED).all()  # right for their own state
+    assert not r.final_correct.any() and torch.equal(r.n_calls, calls)
+    assert torch.equal(r.n_attempts, calls + W3.budget - 1)
+    m = ds_metrics(r).query("cell == 'all'").set_index("metric").value
+    first_calls, later_calls = len(q), int(calls.sum()) - len(q)
+    assert m["p_s_first"] == pytest.approx(later_calls / (first_calls + later_calls))
+    assert m["p_d_given_w"] == 1.0 and m["p_d_given_c"] == 1.0 and m["episode_accuracy"] == 0.0
+    assert m["p_s_first@call1"] == 0.0 and m["mean_attempts"] == pytest.approx(
+        (first_calls * W3.budget + later_calls) / (first_calls + later_calls))
+
+    r = rollout(_StepScript(W3, "stuck"), q, task=W3, temperature=0.0, cached=False)
+    assert (r.n_calls == W3.max_calls).all() and (r.final_value == -1).all() and not r.malformed.any()
+
+    r = rollout(_StepScript(W3, "bad_decision"), q, task=W3, temperature=0.0, cached=False)
+    assert r.malformed.all() and (r.n_attempts == 1).all() and not r.final_correct.any()
+    assert (r.decisions == -1).all()
+
+
+@pytest.mark.parametrize("temp,dtemp", [(0.0, 0.0), (1.0, 1.0), (1.5, 0.7)])
+def test_cached_equals_uncached_on_trained_step_episodes(trained_steps, temp, dtemp):
+    model = load(trained_steps[0]["sft"])
+    q = sample_questions(STEPS, "train", 96, seed=4)
+    kw = dict(temperature=temp, decision_temperature=dtemp, seed=3)
+    cached, ref = rollout(model, q, **kw), rollout(model, q, cached=False, **kw)
+    assert torch.equal(cached.tokens, ref.tokens) and torch.equal(cached.episode, ref.episode)
+    assert torch.allclose(cached.logprobs, ref.logprobs, atol=1e-5)
+    assert (cached.n_calls > 1).any()  # multi-call episodes were compared
+    assert (cached.roles == DECISION).any(1).float().mean() > 0.5  # most attempts reach their decision
+
+
+def test_same_seed_same_episodes_in_any_batch(trained_steps):
+    model = load(trained_steps[0]["sft"])
+    q = sample_questions(STEPS, "train", 30, seed=8)
+    a = rollout(model, q, seed=5)
+    b = rollout(model, q, seed=5, batch_size=7)
+    c = rollout(model, q[:10], seed=5)
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.final_value[:10], c.final_value)
+    assert torch.equal(a.tokens[a.episode < 10], c.tokens)
+
+
+def test_training_data_is_labelled_by_the_checker(trained_steps):
+    model = load(trained_steps[0]["base"])
+    P, L = STEPS.prompt_len, STEPS.answer_len
+    for data in (solution_batch(STEPS, 64, 0), reflective_sft_data(model, STEPS, 256, 0, mix="natural",
+                                                                     temperature=2.0),
+                 verification_data(model, STEPS, 64, 0)):
+        s = parse_states(data[:, :P], STEPS)
+        right = check_steps(s, data[:, P : P + L], STEPS)
+        assert torch.equal(data[:, P + L] == ACCEPT, right)
+        assert ((data[:, P + L] == ACCEPT) | (data[:, P + L] == REJECT)).all() and (data[:, -1] == EOS).all()
+    v = verification_data(model, STEPS, 64, 0)
+    assert torch.equal(v[0::2, :P], v[1::2, :P]) and (v[0::2, P + L] == ACCEPT).all()
+
+
+def test_step_verification_rows_match_hand_computation():
+    # 3 states x 2 samples. State 0: right (p_acc .9) and wrong (.2); state 1: two wrong (.6, .1);
+    # state 2: two right (.8, .7). Logit gaps: truth 2, 1, 0; samples as below.
+    v = StepVerificationData(
+        cells=np.array(["1x1"] * 3), call=np.zeros(3, int), greedy_correct=np.array([True, False, True]),
+        sample_correct=np.array([[True, False], [False, False], [True, True]]),
+        sample_wellformed=np.ones((3, 2), bool),
+        gap_truth=np.array([2.0, 1.0, 0.0]), p_acc_truth=np.array([0.9, 0.8, 0.7]),
+        gap_sample=np.array([[2.0, -1.0], [1.0, 3.0], [0.0, 0.0]]),
+        p_acc_sample=np.array([[0.9, 0.2], [0.6, 0.1], [0.8, 0.7]]),
+        logprob_truth=np.array([-1.0, -2.0, -3.0]), logprob_sample=np.array([[-1.0, -4.0], [-1.0, -3.0],
+                                                                              [-3.0, -3.0]]),
+        corruption_gap=np.array([1.0, 0.0, -1.0]))
+    rows = {r["metric"]: r for r in _step_verification_rows(v, np.ones(3, bool), "1x1", np.random.default_rng(0), 200)}
+    assert rows["within_auc@1"]["value"] == pytest.approx((1.0 + 0.25) / 2)  # state 0: 1; state 1: ties .5, loss 0
+    assert rows["logit_gap@1"]["value"] == pytest.approx((3.0 + (1.0 - 2.0)) / 2)
+    assert rows["e_plus@1"]["value"] == pytest.approx((0.2 + 0.6 + 0.1) / 3)
+    assert rows["e_minus@1"]["value"] == pytest.approx((0.1 + 0.2 + 0.3) / 3)
+    assert rows["sample_accuracy"]["value"] == pytest.approx(3 / 6)
+    assert rows["slip_share"]["value"] == pytest.approx(1 / 3)  # only state 0's wrong sample has greedy right
+    assert rows["own_logprob_auc"]["value"] == pytest.approx((1.0 + 0.5) / 2)  # state 1: one above, one below
+    assert rows["corruption_auc"]["value"] == pytest.approx(0.5)
+    assert rows["within_auc@1"]["n"] == 2 and rows["e_plus@1"]["n"] == 3
+
+
+def test_verification_metrics_and_verify_cli_on_a_step_model(trained_steps, tmp_path, capsys):
+    from tsds_interp.verify import main
+
+    paths, _ = trained_steps
+    model = load(paths["rl"])
+    df = verification_metrics(model, 60, samples=2, n_boot=50)
+    need = {"within_auc@1", "e_plus@1", "e_minus@1", "episode_accuracy", "episode_accuracy_no_reflection"}
+    assert need <= set(df.metric) and {"hard", "all"} <= set(df.cell)
+    acc = df.query("cell == 'all' and metric == 'episode_accuracy'").value.item()
+    assert acc == ds_metrics(rollout(model, sample_questions(STEPS, "test", 60, seed=10_007), temperature=1.0,
+                                     seed=2)).query("cell == 'all' and metric == 'episode_accuracy'").value.item()
+    assert main(["--checkpoint", str(paths["rl"]), "--questions", "30", "--samples", "2", "--bootstrap", "20",
+                 "--out", str(tmp_path / "v")]) == 0
+    assert "e_plus@1" in capsys.readouterr().out
+    assert (tmp_path / "v" / "verification.png").is_file()
+
+
+def test_step_patching_equals_transformer_lens(trained_steps):
+    model = load(trained_steps[0]["sft"])
+    for pairs in (decision_pairs(model, STEPS, 6, seed=1), sampling_pairs(STEPS, 6, seed=1)):
+        assert pairs.clean.shape == pairs.corrupted.shape
+        assert torch.equal(pairs.clean[:, : STEPS.prompt_len], pairs.corrupted[:, : STEPS.prompt_len]) == (
+            pairs.function == "decision")
+        for direction in ("denoise", "noise"):
+            assert_grids_match(model, pairs.clean, pairs.corrupted, pairs.metric, direction)
+    pairs = decision_pairs(model, STEPS, 6, seed=1)
+    s = parse_states(pairs.clean[:, : STEPS.prompt_len], STEPS)
+    P, L = STEPS.prompt_len, STEPS.answer_len
+    assert check_steps(s, pairs.clean[:, P : P + L], STEPS).all()
+    assert not check_steps(s, pairs.corrupted[:, P : P + L], STEPS).any()
+
+
+def test_step_pretraining_resume_is_bit_exact(tmp_path):
+    cfg = preset_config("steps_tiny", "pretrain", steps=10, ckpt_every=100, eval_every=100, log_every=5)
+    straight = load(train_stage(cfg, tmp_path / "a", quiet=True))
+    with pytest.raises(Interrupted):
+        train_stage(cfg, tmp_path / "b", quiet=True, stop_after=4)
+    resumed = load(train_stage(cfg, tmp_path / "b", quiet=True, resume=True))
+    assert all(torch.equal(v, w) for v, w in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_step_rl_resume_is_bit_exact_with_masked_rejected_steps(trained_steps, tmp_path):
+    paths, _ = trained_steps
+    cfg = preset_config("steps_tiny", "rl", steps=4, ckpt_every=100, eval_every=100, log_every=2,
+                        rl_rejected_samples="mask")
+    straight = load(train_stage(cfg, tmp_path / "a", init=paths["sft"], quiet=True))
+    with pytest.raises(Interrupted):
+        train_stage(cfg, tmp_path / "b", init=paths["sft"], quiet=True, stop_after=2)
+    resumed = load(train_stage(cfg, tmp_path / "b", init=paths["sft"], quiet=True, resume=True))
+    assert all(torch.equal(v, w) for v, w in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_sample_steps_decodes_every_position_alike_cached_or_not():
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, task=STEPS))
+    s = solution_states(*(lambda q: (q.a, q.b))(sample_questions(STEPS, "train", 20, seed=1)), STEPS,
+                        torch.zeros(20, dtype=torch.long))
+    a = sample_steps(model, s, STEPS, 1.0, seed=4)
+    b = sample_steps(model, s, STEPS, 1.0, seed=4, cached=False)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)

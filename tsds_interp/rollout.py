@@ -111,7 +111,7 @@ def sample_tokens(logits: Float[Tensor, "batch vocab"], temperature: float,
     if temperature == 0:
         return logits.argmax(-1)
     cdf = (logits.double() / temperature).softmax(-1).cumsum(-1)
-    return torch.searchsorted(cdf, u.double()[:, None]).squeeze(1).clamp(max=logits.shape[-1] - 1)
+    return torch.searchsorted(cdf, u.double()[:, None].contiguous()).squeeze(1).clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()

@@ -136,4 +136,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.main(_parser(), _run))
+    sys.exit(cli.main(_parser(), _run, None))

@@ -287,3 +287,34 @@ def test_sample_steps_decodes_every_position_alike_cached_or_not():
     a = sample_steps(model, s, STEPS, 1.0, seed=4)
     b = sample_steps(model, s, STEPS, 1.0, seed=4, cached=False)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+def test_step_attribution_gives_each_attempt_its_episodes_advantage(trained_steps):
+    from tsds_interp.attribution import Trajectories, objective_terms
+    from tsds_interp.objectives import advantages
+
+    model = load(trained_steps[0]["sft"])
+    q = sample_questions(STEPS, "train", 8, seed=6).repeat_interleave(4)
+    r = rollout(model, q, temperature=1.5, seed=1)
+    batch = Trajectories.from_rollouts(r, group=4)
+    assert torch.equal(batch.episode, r.episode) and len(batch.reward) == len(q) < len(batch.tokens)
+    terms = objective_terms(model, batch, "surrogate")
+    adv = advantages(r.reward, 4)[r.episode]
+    counted = (r.roles == SAMPLE) | (r.roles == DECISION)
+    # at the current weights the surrogate per token is -A (ratio 1), so each row carries its episode's advantage
+    assert torch.allclose(terms.values.detach(), (-adv[:, None] * counted).float())
+    parts = terms.role_loss(SAMPLE) + terms.role_loss(DECISION)
+    assert torch.allclose(parts, terms.loss)
+
+
+def test_step_probe_rows_are_same_state_truth_and_own_wrong_steps(trained_steps):
+    from tsds_interp.probe import probe_rows
+
+    model = load(trained_steps[0]["base"])
+    rows = probe_rows(model, STEPS, "train", 128, samples=4, temperature=2.0)
+    P, L = STEPS.prompt_len, STEPS.answer_len
+    s = parse_states(rows.tokens[:, :P], STEPS)
+    assert torch.equal(check_steps(s, rows.tokens[:, P : P + L], STEPS), rows.correct)
+    for qi in rows.question.unique():
+        sel = rows.question == qi
+        assert rows.correct[sel].sum() == 1 and (rows.tokens[sel, :P] == rows.tokens[sel][0, :P]).all()

@@ -57,7 +57,7 @@ from tsds_interp.objectives import (
     token_logprobs,
 )
 from tsds_interp.plotting import gradient_mass_bars, head_share_heatmap
-from tsds_interp.rollout import Rollouts, rollout
+from tsds_interp.rollout import Rollouts, StepRollouts, rollout
 from tsds_interp.task import DECISION, SAMPLE, TaskConfig, sample_questions, token_roles
 
 OBJECTIVES = ("surrogate", "sft_token_mean", "sft_sequence_mean", "sft_role_balanced", "kl")
@@ -66,18 +66,21 @@ ROLES = {"sample": SAMPLE, "decision": DECISION}
 
 @dataclass
 class Trajectories:
-    """Token sequences with their roles; ``reward`` (per row, in groups of ``group`` rows of the
-    same question) is needed by the surrogate objective only."""
+    """Token sequences with their roles; ``reward`` (per episode, in groups of ``group`` episodes of
+    the same question) is needed by the surrogate objective only. Rows are episodes unless
+    ``episode`` says which episode each row belongs to (step format: one row per attempt)."""
 
     tokens: Int[Tensor, "batch pos"]
     roles: Int[Tensor, "batch pos"]
-    reward: Float[Tensor, " batch"] | None = None
+    reward: Float[Tensor, " episodes"] | None = None
     group: int = 1
     source: str = "rollouts"
+    episode: Int[Tensor, " batch"] | None = None
 
     @staticmethod
-    def from_rollouts(r: Rollouts, group: int) -> Trajectories:
-        return Trajectories(r.tokens, r.roles, r.reward, group, "rollouts")
+    def from_rollouts(r: Rollouts | StepRollouts, group: int) -> Trajectories:
+        episode = r.episode if isinstance(r, StepRollouts) else None
+        return Trajectories(r.tokens, r.roles, r.reward, group, "rollouts", episode)
 
     @staticmethod
     def from_tokens(tokens: Int[Tensor, "batch pos"], task: TaskConfig, source: str = "sft_data") -> Trajectories:
@@ -99,6 +102,8 @@ def objective_terms(model, batch: Trajectories, objective: str, ref=None, decisi
         if batch.reward is None:
             raise ValueError("the surrogate objective needs rewards: use Trajectories.from_rollouts")
         adv = advantages(batch.reward.to(logp.device), batch.group, advantage)
+        if batch.episode is not None:  # every attempt carries its episode's advantage
+            adv = adv[batch.episode.to(logp.device)]
         return policy_gradient_terms(logp, logp.detach(), batch.roles, adv)
     if objective == "kl":
         if ref is None:

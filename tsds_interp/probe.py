@@ -37,7 +37,18 @@ from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, _boot_mean
 from tsds_interp.model import checkpoint_config, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import own_samples, parse_cells
 from tsds_interp.plotting import heatmap
-from tsds_interp.task import ACCEPT, REJECT, TaskConfig, answer_tokens, prompt_tokens, sample_questions
+from tsds_interp.rollout import sample_steps
+from tsds_interp.task import (
+    ACCEPT,
+    REJECT,
+    TaskConfig,
+    answer_tokens,
+    prompt_tokens,
+    random_states,
+    sample_questions,
+    state_tokens,
+    true_step_tokens,
+)
 
 POSITIONS = ("prompt_end", "candidate_mean", "decision")
 
@@ -54,7 +65,10 @@ class ProbeRows:
 
 def probe_rows(model, task: TaskConfig, split: str, n_questions: int, cells=None, samples: int = 8,
                temperature: float = 1.0, max_wrong: int = 3, seed: int = 0) -> ProbeRows:
-    """The truth and up to ``max_wrong`` distinct own wrong samples of each question with a wrong sample."""
+    """The truth and up to ``max_wrong`` distinct own wrong samples of each question with a wrong sample
+    (step format: of one state of each question's correct episode, the true step and own wrong steps)."""
+    if task.steps:
+        return _step_probe_rows(model, task, split, n_questions, cells, samples, temperature, max_wrong, seed)
     q = sample_questions(task, split, n_questions, seed=seed, cells=cells)
     sampled = own_samples(model, q, task, samples, temperature, seed + 1)
     truth = q.a * q.b
@@ -71,6 +85,31 @@ def probe_rows(model, task: TaskConfig, split: str, n_questions: int, cells=None
         cell += [f"{q.cells[i][0]}x{q.cells[i][1]}"] * len(values)
     if not toks:
         raise ValueError("the model wrote no wrong samples on these questions; ask for more questions or other cells")
+    return ProbeRows(torch.cat(toks), torch.tensor(qid), torch.tensor(label), np.array(cell))
+
+
+def _step_probe_rows(model, task: TaskConfig, split: str, n: int, cells, samples: int, temperature: float,
+                     max_wrong: int, seed: int) -> ProbeRows:
+    s = random_states(task, split, n, seed=seed, cells=cells)
+    P, L = task.prompt_len, task.answer_len
+    steps = sample_steps(model, s[torch.arange(n).repeat_interleave(samples)], task, temperature,
+                         seed=seed + 1)[0][:, P : P + L].view(n, samples, L)
+    truth, prompt = true_step_tokens(s, task), state_tokens(s, task)
+    q = sample_questions(task, split, n, seed=seed, cells=cells)
+    names = [f"{a}x{b}" for a, b in q.cells]
+    toks, qid, label, cell = [], [], [], []
+    for i in range(n):
+        ok = (steps[i] <= 9).all(1) & ~(steps[i] == truth[i]).all(1)
+        wrong = torch.unique(steps[i][ok], dim=0)[:max_wrong]
+        if len(wrong) == 0:
+            continue
+        rows = torch.cat([truth[i : i + 1], wrong])
+        toks.append(torch.cat([prompt[i].expand(len(rows), -1), rows], 1))
+        qid += [i] * len(rows)
+        label += [True] + [False] * len(wrong)
+        cell += [names[i]] * len(rows)
+    if not toks:
+        raise ValueError("the model wrote no wrong steps on these states; ask for more questions or other cells")
     return ProbeRows(torch.cat(toks), torch.tensor(qid), torch.tensor(label), np.array(cell))
 
 

@@ -207,7 +207,7 @@ def test_step_verification_rows_match_hand_computation():
     # 3 states x 2 samples. State 0: right (p_acc .9) and wrong (.2); state 1: two wrong (.6, .1);
     # state 2: two right (.8, .7). Logit gaps: truth 2, 1, 0; samples as below.
     v = StepVerificationData(
-        cells=np.array(["1x1"] * 3), call=np.zeros(3, int), greedy_correct=np.array([True, False, True]),
+        cells=np.array(["1x1"] * 3), greedy_correct=np.array([True, False, True]),
         sample_correct=np.array([[True, False], [False, False], [True, True]]),
         sample_wellformed=np.ones((3, 2), bool),
         gap_truth=np.array([2.0, 1.0, 0.0]), p_acc_truth=np.array([0.9, 0.8, 0.7]),

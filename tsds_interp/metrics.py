@@ -40,11 +40,10 @@ from tsds_interp.task import (
     check_steps,
     corrupt_digit,
     corrupt_step_tokens,
-    n_calls,
     num_digits,
     prompt_tokens,
+    question_states,
     sample_questions,
-    solution_states,
     state_tokens,
     true_step_tokens,
 )
@@ -652,7 +651,6 @@ class StepVerificationData:
     decision's teacher-forced scores for the true step and each sampled step."""
 
     cells: np.ndarray            # [state] cell label of the question
-    call: np.ndarray             # [state] call index of the state
     greedy_correct: np.ndarray   # [state]
     sample_correct: np.ndarray   # [state, sample]
     sample_wellformed: np.ndarray
@@ -673,9 +671,7 @@ def collect_step_verification(model, questions: Questions, samples: int = 8, tem
     after a one-digit corruption of the true step (all teacher-forced)."""
     task = task or config_of(model).task
     n = len(questions)
-    u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 5))
-    call = (u * n_calls(questions.b, task)).long()
-    s = solution_states(questions.a, questions.b, task, call)
+    s = question_states(questions, task, seed + 5)
     P, L = task.prompt_len, task.answer_len
     prompt, truth = state_tokens(s, task), true_step_tokens(s, task)
     greedy = sample_steps(model, s, task, 0.0, seed=seed)[0][:, P : P + L]
@@ -692,7 +688,7 @@ def collect_step_verification(model, questions: Questions, samples: int = 8, tem
     shape = (n, samples)
     nan_bad = lambda x: torch.where(wellformed, x, torch.nan).view(shape).numpy()
     return StepVerificationData(
-        cells=np.array([f"{x}x{y}" for x, y in questions.cells]), call=call.numpy(),
+        cells=np.array([f"{x}x{y}" for x, y in questions.cells]),
         greedy_correct=check_steps(s, greedy.clamp(max=9), task).numpy() & (greedy <= 9).all(1).numpy(),
         sample_correct=correct.view(shape).numpy(), sample_wellformed=wellformed.view(shape).numpy(),
         gap_truth=gap_t.numpy(), p_acc_truth=p_t.numpy(), gap_sample=nan_bad(gap_s), p_acc_sample=nan_bad(p_s),

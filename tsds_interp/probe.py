@@ -44,7 +44,7 @@ from tsds_interp.task import (
     TaskConfig,
     answer_tokens,
     prompt_tokens,
-    random_states,
+    question_states,
     sample_questions,
     state_tokens,
     true_step_tokens,
@@ -90,12 +90,12 @@ def probe_rows(model, task: TaskConfig, split: str, n_questions: int, cells=None
 
 def _step_probe_rows(model, task: TaskConfig, split: str, n: int, cells, samples: int, temperature: float,
                      max_wrong: int, seed: int) -> ProbeRows:
-    s = random_states(task, split, n, seed=seed, cells=cells)
+    q = sample_questions(task, split, n, seed=seed, cells=cells)
+    s = question_states(q, task, seed + 1)
     P, L = task.prompt_len, task.answer_len
     steps = sample_steps(model, s[torch.arange(n).repeat_interleave(samples)], task, temperature,
                          seed=seed + 1)[0][:, P : P + L].view(n, samples, L)
     truth, prompt = true_step_tokens(s, task), state_tokens(s, task)
-    q = sample_questions(task, split, n, seed=seed, cells=cells)
     names = [f"{a}x{b}" for a, b in q.cells]
     toks, qid, label, cell = [], [], [], []
     for i in range(n):

@@ -467,10 +467,13 @@ def solution_states(a: Int[Tensor, " n"], b: Int[Tensor, " n"], task: TaskConfig
 def random_states(task: TaskConfig, split: str, n: int, seed: int, cells=None) -> States:
     """One state per question of ``split``: the state before a uniformly drawn call of its correct
     episode (so every call index of every cell is trained on)."""
-    q = sample_questions(task, split, n, seed, cells)
-    u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
-    call = (u * n_calls(q.b, task)).long()
-    return solution_states(q.a, q.b, task, call)
+    return question_states(sample_questions(task, split, n, seed, cells), task, seed + 1)
+
+
+def question_states(q: Questions, task: TaskConfig, seed: int) -> States:
+    """For each question, the state before a call of its correct episode drawn uniformly from ``seed``."""
+    u = torch.rand(len(q), generator=torch.Generator().manual_seed(seed))
+    return solution_states(q.a, q.b, task, (u * n_calls(q.b, task)).long())
 
 
 def corrupt_step_tokens(step: Int[Tensor, "n step"], task: TaskConfig, rng: np.random.Generator

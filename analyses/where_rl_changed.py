@@ -40,9 +40,10 @@ from tsds_interp import cli
 from tsds_interp.ablation import rollout_with_hooks, transplant_hooks  # noqa: E402
 from tsds_interp.attribution import parameter_groups  # noqa: E402
 from tsds_interp.circuits import by_label  # noqa: E402
-from tsds_interp.metrics import _paired, decision_scores, ds_metrics, score_candidates  # noqa: E402
+from tsds_interp.metrics import decision_scores, ds_metrics, score_candidates  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
 from tsds_interp.patching import own_samples  # noqa: E402
+from tsds_interp.stats import within_auc  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
 
 SHOWN = ("within_auc", "p_d_given_w", "p_d_given_c", "realized_accuracy", "p_s")
@@ -68,7 +69,7 @@ def measure(model, hooks, q, sampled, kw) -> dict[str, float]:
             return decision_scores(model, tokens)
 
     v = score_candidates(q, sampled[:, 0], sampled, kw["task"], scorer, attempts=1)
-    auc = _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])[0]
+    auc = within_auc(v.attempts[0]["truth"], v.attempts[0]["wrong"])
     ds = ds_metrics(rollout_with_hooks(model, q, hooks, **kw)).query("cell == 'all'").set_index("metric").value
     return {"within_auc": float(auc.mean()), **{m: float(ds[m]) for m in SHOWN if m != "within_auc"}}
 

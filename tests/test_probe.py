@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsds_interp.probe import fit_probe, main, probe_rows, probe_study, readout_direction, within_auc
+from tsds_interp.probe import fit_probe, main, probe_rows, probe_study, readout_direction, rows_within_auc
 
 
 def test_probe_recovers_a_planted_direction():
@@ -16,10 +16,10 @@ def test_probe_recovers_a_planted_direction():
     x = torch.randn(n, d, generator=g) + 3.0 + sep * y[:, None].float() * direction
     w, b = fit_probe(x, y)
     assert torch.nn.functional.cosine_similarity(w, direction, dim=0) > 0.95
-    auc = within_auc(x @ w, torch.arange(n) // 4, y).mean()
+    auc = rows_within_auc(x @ w, torch.arange(n) // 4, y).mean()
     # two unit-variance normals sep apart along w: P(truth > wrong) = Phi(sep / sqrt 2) = 0.921
     assert abs(auc - 0.921) < 0.03
-    assert within_auc(torch.zeros(n), torch.arange(n) // 4, y).mean() == 0.5  # ties count half
+    assert rows_within_auc(torch.zeros(n), torch.arange(n) // 4, y).mean() == 0.5  # ties count half
 
 
 def test_probe_rows_pair_truth_with_own_wrong_samples_and_control_is_chance(random_model):

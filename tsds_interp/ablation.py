@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from tsds_interp import checks, cli
-from tsds_interp.metrics import Z95, ds_metrics
+from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import autocast, checkpoint_config, config_of, load, resolve_checkpoint
 from tsds_interp.patching import check_hook_names
 from tsds_interp.plotting import heatmap
 from tsds_interp.rollout import rollout
+from tsds_interp.stats import proportion_difference
 from tsds_interp.task import sample_questions
 
 MODES = ("zero", "mean", "resample")
@@ -77,13 +77,6 @@ def rollout_with_hooks(model, questions, fwd_hooks, **kw):
         return rollout(model, questions, cached=False, **kw)
 
 
-def _diff_ci(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
-    """Difference b - a of two proportions with a normal-approximation 95% interval."""
-    d = b.value - a.value
-    se = np.sqrt(b.value * (1 - b.value) / max(b.n, 1) + a.value * (1 - a.value) / max(a.n, 1))
-    return d, d - Z95 * se, d + Z95 * se
-
-
 MAX_QUESTIONS = 10**6
 
 
@@ -111,7 +104,8 @@ def ablation_sweep(model, n_questions: int = 256, mode: str = "zero", seed: int 
         m = ds_metrics(rollout_with_hooks(model, q, [(name, hook)], **kw)).query("cell == 'all'")
         m = m.set_index("metric")
         for metric in SCORED:
-            d, lo, hi = _diff_ci(base.loc[metric], m.loc[metric])
+            a, b = base.loc[metric], m.loc[metric]
+            d, lo, hi = proportion_difference(a.value, a.n, b.value, b.n)
             rows.append(dict(component=f"L{layer}H{head}" if head is not None else f"L{layer}.mlp",
                              layer=layer, head=-1 if head is None else head, mode=mode, metric=metric,
                              baseline=base.loc[metric].value, ablated=m.loc[metric].value,

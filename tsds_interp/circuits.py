@@ -32,10 +32,11 @@ from torch import Tensor
 
 from tsds_interp.ablation import ablation_hook, ablation_sweep, components, rollout_with_hooks
 from tsds_interp.edges import edge_attribution
-from tsds_interp.metrics import _paired, decision_scores, score_candidates, wilson
+from tsds_interp.metrics import decision_scores, score_candidates
 from tsds_interp.model import config_of
 from tsds_interp.patching import Pairs, attribution_patch, own_samples, parse_cells
 from tsds_interp.rollout import rollout
+from tsds_interp.stats import boot_mean, mean_gap, proportion_difference, wilson, within_auc
 from tsds_interp.task import Questions, sample_questions
 
 METHODS = ("activation", "attribution", "ablation", "edges")
@@ -204,7 +205,8 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
     def measure(hooks):
         scorer = lambda t: _hooked(model, hooks, lambda: decision_scores(model, t))
         v = score_candidates(qd, sampled[:, 0], sampled, task, scorer, attempts=1)
-        auc, gap = _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])
+        truth, wrong = v.attempts[0]["truth"], v.attempts[0]["wrong"]
+        auc, gap = within_auc(truth, wrong), mean_gap(truth, wrong)
         greedy = rollout_with_hooks(model, qs, hooks, temperature=0.0, **kw).correct[:, 0].numpy().astype(float)
         sample = rollout_with_hooks(model, qs, hooks, temperature=temperature, **kw).correct[:, 0].numpy().astype(float)
         return dict(within_auc=auc, logit_gap=gap, greedy_accuracy=greedy, sample_accuracy=sample)
@@ -230,13 +232,9 @@ def _effect_row(label: str, metric: str, before: np.ndarray, after: np.ndarray, 
     """Value after ablation and the change from before (paired by question) with a 95% interval."""
     n = len(after)
     if metric in ("within_auc", "logit_gap"):
-        d = after - before
-        draws = d[rng.integers(0, n, (n_boot, n))].mean(1) if n else np.full(n_boot, np.nan)
-        lo, hi = np.nanpercentile(draws, [2.5, 97.5]) if n else (np.nan, np.nan)
+        _, lo, hi = boot_mean(after - before, rng, n_boot)
     else:
-        p0, p1 = before.mean(), after.mean()
-        se = np.sqrt(p0 * (1 - p0) / n + p1 * (1 - p1) / n)
-        lo, hi = p1 - p0 - 1.96 * se, p1 - p0 + 1.96 * se
+        _, lo, hi = proportion_difference(before.mean(), n, after.mean(), n)
     value = float(after.mean()) if n else np.nan
     delta = float((after - before).mean()) if n else np.nan
     if metric in ("greedy_accuracy", "sample_accuracy"):

@@ -31,6 +31,18 @@ from tsds_interp import checks
 from tsds_interp.model import config_of
 from tsds_interp.objectives import token_logprobs
 from tsds_interp.rollout import ACCEPTED, NOT_REACHED, REJECTED, Rollouts, StepRollouts, rollout, sample_steps
+from tsds_interp.stats import (
+    Z95,
+    above,
+    between_auc,
+    boot_mean,
+    boot_ratio,
+    mean_gap,
+    percentile_interval,
+    resample_index,
+    wilson,
+    within_auc,
+)
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
@@ -47,19 +59,6 @@ from tsds_interp.task import (
     state_tokens,
     true_step_tokens,
 )
-
-Z95 = 1.959963984540054
-
-
-def wilson(k: np.ndarray | int, n: np.ndarray | int, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of k successes in n trials (nan where n = 0)."""
-    k, n = np.asarray(k, float), np.asarray(n, float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / n
-        denom = 1 + z**2 / n
-        centre = (p + z**2 / (2 * n)) / denom
-        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return centre - half, centre + half
 
 
 def predicted_accuracy(p_s, p_dc, p_dw, budget: int | None):
@@ -118,7 +117,7 @@ def _bootstrap_predicted(c: dict, budget: int | None, n_boot: int, rng) -> tuple
     a = rng.binomial(n_c, c["acc_given_c"] / n_c, n_boot) / n_c
     w = rng.binomial(n_w, c["rej_given_w"] / n_w, n_boot) / n_w
     pred = predicted_accuracy(p, a, w, budget)
-    return tuple(np.nanpercentile(pred, [2.5, 97.5]))
+    return percentile_interval(pred)
 
 
 def _cell_rows(cell: str, c: dict, budget: int, rng, n_boot: int) -> list[dict]:
@@ -305,7 +304,7 @@ def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n
         point = _gain_parts([[v for v, _ in model] for model in vals], budget)
         boot = _gain_parts([[rng.binomial(n, v, n_boot) / n for v, n in model] for model in vals], budget)
         for name, value, draws in zip(("total", "sampling", "decision"), point, boot):
-            lo, hi = np.percentile(draws, [2.5, 97.5])
+            lo, hi = percentile_interval(draws)
             rows.append(dict(cell=cell, part=name, value=float(value), lo=float(lo), hi=float(hi)))
     return pd.DataFrame(rows)
 
@@ -391,7 +390,7 @@ def _logprob_auc(model, questions: Questions, sampled, qs: np.ndarray, task: Tas
         lp = lambda t: token_logprobs(model, t)[0][:, -L:].sum(1).numpy()
         lp_truth = lp(torch.cat([prompt, answer_tokens(truth, task)], 1))
         lp_wrong = lp(torch.cat([prompt.repeat_interleave(counts, 0), answer_tokens(torch.cat(wrong), task)], 1))
-    return _paired(lp_truth, np.split(lp_wrong, np.cumsum(counts.numpy())[:-1]))[0]
+    return within_auc(lp_truth, np.split(lp_wrong, np.cumsum(counts.numpy())[:-1]))
 
 
 Scorer = Callable[[Int[Tensor, "n pos"]], tuple[Float[Tensor, " n"], Float[Tensor, " n"]]]
@@ -448,47 +447,6 @@ def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists
     return {"q": np.array(qs), "truth": t.numpy(), "wrong": np.split(w.numpy(), np.cumsum(counts)[:-1])}
 
 
-def _paired(truth: np.ndarray, wrong: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per question: paired AUC (share of own wrong samples scored below the truth, ties half) and
-    the mean logit gap truth - wrong."""
-    auc = np.array([np.mean((t > w) + 0.5 * (t == w)) for t, w in zip(truth, wrong)])
-    gap = np.array([t - w.mean() for t, w in zip(truth, wrong)])
-    return auc, gap
-
-
-def _between_auc(truth: np.ndarray, wrong: list[np.ndarray]) -> float:
-    """AUC of the truth of one question against the wrong samples of *other* questions."""
-    if len(truth) < 2:
-        return np.nan
-    t_sorted = np.sort(truth)
-    w_all = np.concatenate(wrong)
-    owner = np.repeat(np.arange(len(wrong)), [len(w) for w in wrong])
-    above = len(t_sorted) - np.searchsorted(t_sorted, w_all, side="right")
-    ties = np.searchsorted(t_sorted, w_all, side="right") - np.searchsorted(t_sorted, w_all, side="left")
-    own = (truth[owner] > w_all) + 0.5 * (truth[owner] == w_all)
-    total = (above + 0.5 * ties - own).sum()
-    return float(total / (len(w_all) * (len(truth) - 1)))
-
-
-def _boot_mean(x: np.ndarray, rng, n_boot: int) -> tuple[float, float, float]:
-    if len(x) == 0:
-        return np.nan, np.nan, np.nan
-    draws = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return float(x.mean()), float(lo), float(hi)
-
-
-def _boot_ratio(num: np.ndarray, den: np.ndarray, rng, n_boot: int) -> tuple[float, float, float]:
-    """sum(num) / sum(den) over questions, bootstrap over questions."""
-    if den.sum() == 0:
-        return np.nan, np.nan, np.nan
-    idx = rng.integers(0, len(num), (n_boot, len(num)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        draws = num[idx].sum(1) / den[idx].sum(1)
-    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
-    return float(num.sum() / den.sum()), float(lo), float(hi)
-
-
 def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
     rows = []
     add = lambda metric, stat, n: rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
@@ -498,40 +456,40 @@ def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_b
     add("greedy_accuracy", (g.mean(), *wilson(g.sum(), nq)), nq)
     wf = v.sample_wellformed[sel]
     c = v.sample_correct[sel]
-    add("sample_accuracy", _boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot),
+    add("sample_accuracy", boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot),
         c.size)
     wrong = wf & ~c
-    add("slip_share", _boot_ratio(v.slip[sel].sum(1).astype(float), wrong.sum(1).astype(float), rng, n_boot),
+    add("slip_share", boot_ratio(v.slip[sel].sum(1).astype(float), wrong.sum(1).astype(float), rng, n_boot),
         wrong.sum())
     for k, att in enumerate(v.attempts, start=1):
         keep = sel[att["q"]]
         truth, wr = att["truth"][keep], [w for w, s in zip(att["wrong"], keep) if s]
-        auc, gap = _paired(truth, wr)
-        add(f"within_auc@{k}", _boot_mean(auc, rng, n_boot), len(auc))
-        add(f"logit_gap@{k}", _boot_mean(gap, rng, n_boot), len(gap))
+        auc, gap = within_auc(truth, wr), mean_gap(truth, wr)
+        add(f"within_auc@{k}", boot_mean(auc, rng, n_boot), len(auc))
+        add(f"logit_gap@{k}", boot_mean(gap, rng, n_boot), len(gap))
         if k == 1:
-            between = _between_auc(truth, wr)
+            between = between_auc(truth, wr)
             qi = np.arange(len(truth))
             draws = []
             for _ in range(min(n_boot, 200)) if len(truth) > 1 else []:
                 b = rng.choice(qi, len(qi))
-                draws.append(_between_auc(truth[b], [wr[i] for i in b]))
-            lo, hi = np.nanpercentile(draws, [2.5, 97.5]) if draws else (np.nan, np.nan)
+                draws.append(between_auc(truth[b], [wr[i] for i in b]))
+            lo, hi = percentile_interval(draws)
             add("between_auc", (between, lo, hi), len(truth))
         if k == 1 and v.logprob_auc is not None:
             lp = v.logprob_auc[keep]
-            add("own_logprob_auc", _boot_mean(lp, rng, n_boot), len(lp))
+            add("own_logprob_auc", boot_mean(lp, rng, n_boot), len(lp))
     if v.corruption_gap is not None:
         cg = v.corruption_gap[sel]
-        add("corruption_auc", _boot_mean((cg > 0) + 0.5 * (cg == 0), rng, n_boot), len(cg))
-        add("corruption_gap", _boot_mean(cg, rng, n_boot), len(cg))
+        add("corruption_auc", boot_mean(above(cg, 0.0), rng, n_boot), len(cg))
+        add("corruption_gap", boot_mean(cg, rng, n_boot), len(cg))
     # Behavioural first-attempt accept gap over the model's own samples, split in two.
     p = np.nan_to_num(v.p_acc_sample[sel])
     p_truth = v.p_acc_truth[sel][:, None]
     n_c, n_w = c.sum(1).astype(float), wrong.sum(1).astype(float)
     acc_c, acc_w = (p * c).sum(1), (p * wrong).sum(1)
     truth_w = (p_truth * wrong).sum(1)
-    idx = rng.integers(0, nq, (n_boot, nq)) if nq else np.zeros((n_boot, 0), int)
+    idx = resample_index(nq, rng, n_boot)
 
     def split(ix):
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -543,7 +501,7 @@ def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_b
     point = split(np.arange(nq))
     draws = split(idx)
     for name, value, d in zip(("accept_gap", "accept_gap_difficulty", "accept_gap_within"), point, draws):
-        lo, hi = np.nanpercentile(d, [2.5, 97.5]) if np.isfinite(d).any() else (np.nan, np.nan)
+        lo, hi = percentile_interval(d)
         add(name, (float(value), float(lo), float(hi)), n_w.sum())
     return rows
 
@@ -705,23 +663,23 @@ def _step_verification_rows(v: StepVerificationData, sel: np.ndarray, cell: str,
     add("greedy_accuracy", (g.mean() if nq else np.nan, *wilson(g.sum(), nq)), nq)
     c, wf = v.sample_correct[sel], v.sample_wellformed[sel]
     wrong = wf & ~c
-    add("sample_accuracy", _boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot), c.size)
-    add("slip_share", _boot_ratio((wrong & v.greedy_correct[sel][:, None]).sum(1).astype(float),
+    add("sample_accuracy", boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot), c.size)
+    add("slip_share", boot_ratio((wrong & v.greedy_correct[sel][:, None]).sum(1).astype(float),
                                   wrong.sum(1).astype(float), rng, n_boot), wrong.sum())
     has = wrong.any(1)
     for name, truth, sample in (("within_auc@1", v.gap_truth, v.gap_sample),
                                 ("own_logprob_auc", v.logprob_truth, v.logprob_sample)):
         t, w = truth[sel][has], [x[m] for x, m in zip(sample[sel][has], wrong[has])]
-        auc, gap = _paired(t, w)
-        add(name, _boot_mean(auc, rng, n_boot), len(auc))
+        auc, gap = within_auc(t, w), mean_gap(t, w)
+        add(name, boot_mean(auc, rng, n_boot), len(auc))
         if name == "within_auc@1":
-            add("logit_gap@1", _boot_mean(gap, rng, n_boot), len(gap))
+            add("logit_gap@1", boot_mean(gap, rng, n_boot), len(gap))
     p = np.nan_to_num(v.p_acc_sample[sel])
-    add("e_plus@1", _boot_ratio((p * wrong).sum(1), wrong.sum(1).astype(float), rng, n_boot), wrong.sum())
-    add("e_minus@1", _boot_ratio(((1 - p) * c).sum(1), c.sum(1).astype(float), rng, n_boot), c.sum())
+    add("e_plus@1", boot_ratio((p * wrong).sum(1), wrong.sum(1).astype(float), rng, n_boot), wrong.sum())
+    add("e_minus@1", boot_ratio(((1 - p) * c).sum(1), c.sum(1).astype(float), rng, n_boot), c.sum())
     cg = v.corruption_gap[sel]
-    add("corruption_auc", _boot_mean((cg > 0) + 0.5 * (cg == 0), rng, n_boot), len(cg))
-    add("corruption_gap", _boot_mean(cg, rng, n_boot), len(cg))
+    add("corruption_auc", boot_mean(above(cg, 0.0), rng, n_boot), len(cg))
+    add("corruption_gap", boot_mean(cg, rng, n_boot), len(cg))
     return rows
 
 
@@ -734,7 +692,7 @@ def _episode_rows(with_r, without_r, sel: np.ndarray, cell: str, rng, n_boot: in
     for metric, x in (("episode_accuracy", a), ("episode_accuracy_no_reflection", b)):
         lo, hi = wilson(int(x.sum()), n)
         rows.append(dict(cell=cell, metric=metric, value=x.mean() if n else np.nan, lo=float(lo), hi=float(hi), n=n))
-    gain = _boot_mean(a - b, rng, n_boot)
+    gain = boot_mean(a - b, rng, n_boot)
     rows.append(dict(cell=cell, metric="reflection_gain", value=gain[0], lo=gain[1], hi=gain[2], n=n))
     return rows
 

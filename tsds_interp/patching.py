@@ -31,8 +31,9 @@ from torch import Tensor
 
 from tsds_interp import checks
 from tsds_interp.forward import OwnWeights, use_own_weights
-from tsds_interp.metrics import _boot_mean, _paired, decision_scores, score_candidates
+from tsds_interp.metrics import decision_scores, score_candidates
 from tsds_interp.rollout import rollout, sample_steps
+from tsds_interp.stats import boot_mean, mean_gap
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
@@ -107,7 +108,7 @@ class Pairs:
     def gap(self, model, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
         """Mean clean - corrupted metric over pairs with a 95% bootstrap interval over pairs."""
         d = (self.metric_per_pair(model(self.clean)) - self.metric_per_pair(model(self.corrupted))).float()
-        return _boot_mean(d.cpu().numpy(), np.random.default_rng(seed), n_boot)
+        return boot_mean(d.cpu().numpy(), np.random.default_rng(seed), n_boot)
 
     def __len__(self) -> int:
         return self.clean.shape[0]
@@ -130,7 +131,6 @@ def screen_cells(model, task: TaskConfig, questions_per_cell: int = 128, samples
     ACCEPT-REJECT logit gap, truth minus own wrong samples, with a bootstrap interval over questions
     at the Bonferroni level 1 - 0.05 / cells; ``deciding`` where it lies above 0 (and >= 5 questions)."""
     rng = np.random.default_rng(seed)
-    level = 100 * 0.05 / len(task.train_cells)
     rows = []
     for cell in task.train_cells:
         gaps = []
@@ -141,11 +141,7 @@ def screen_cells(model, task: TaskConfig, questions_per_cell: int = 128, samples
             if sum(map(len, gaps)) >= min_wrong:
                 break
         gaps = np.concatenate(gaps)
-        if len(gaps):
-            draws = gaps[rng.integers(0, len(gaps), (n_boot, len(gaps)))].mean(1)
-            lo, hi = np.percentile(draws, [level / 2, 100 - level / 2])
-        else:
-            lo = hi = np.nan
+        _, lo, hi = boot_mean(gaps, rng, n_boot, level=1 - 0.05 / len(task.train_cells))
         rows.append(dict(cell=f"{cell[0]}x{cell[1]}", gap=gaps.mean() if len(gaps) else np.nan, lo=lo, hi=hi,
                          questions_with_wrong=len(gaps), deciding=bool(len(gaps) >= 5 and lo > 0)))
     return pd.DataFrame(rows)
@@ -154,7 +150,7 @@ def screen_cells(model, task: TaskConfig, questions_per_cell: int = 128, samples
 def _within_gaps(model, q: Questions, sampled: Int[Tensor, "n samples"], task: TaskConfig) -> np.ndarray:
     """Per question with a wrong sample: decision logit gap of the truth minus the mean over its wrong samples."""
     v = score_candidates(q, sampled[:, 0], sampled, task, lambda t: decision_scores(model, t), attempts=1)
-    return _paired(v.attempts[0]["truth"], v.attempts[0]["wrong"])[1]
+    return mean_gap(v.attempts[0]["truth"], v.attempts[0]["wrong"])
 
 
 def parse_cells(cells: str | tuple[str, ...] | list[str], task: TaskConfig) -> tuple[Cell, ...]:

@@ -32,8 +32,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tsds_interp import checks, cli
-from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, _boot_mean, check_sampling
+from tsds_interp import checks, cli, stats
+from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, check_sampling
 from tsds_interp.model import checkpoint_config, config_of, load, resolve_checkpoint, run_versions
 from tsds_interp.patching import own_samples, parse_cells
 from tsds_interp.plotting import heatmap
@@ -159,19 +159,13 @@ def fit_probe(x: Float[Tensor, "row d"], y: Bool[Tensor, " row"], l2: float = 1e
     return w_in, float(b.detach() - (w_in * mu).sum())
 
 
-def within_auc(score: Float[Tensor, " row"], question: Int[Tensor, " row"], correct: Bool[Tensor, " row"]
-               ) -> np.ndarray:
-    """Per question: share of its wrong rows scored below its truth row (ties, up to float rounding of
-    batched runs, count half)."""
+def rows_within_auc(score: Float[Tensor, " row"], question: Int[Tensor, " row"], correct: Bool[Tensor, " row"]
+                    ) -> np.ndarray:
+    """:func:`tsds_interp.stats.within_auc` on rows: per question, its truth row against its wrong rows."""
     s, q, c = score.numpy(), question.numpy(), correct.numpy()
-    out = []
-    for qi in np.unique(q):
-        m = q == qi
-        t, w = s[m & c], s[m & ~c]
-        if len(t) and len(w):
-            tie = np.isclose(t[0], w, rtol=1e-5, atol=1e-6)
-            out.append(np.mean((t[0] > w) * ~tie + 0.5 * tie))
-    return np.array(out)
+    groups = [(s[(q == qi) & c], s[(q == qi) & ~c]) for qi in np.unique(q)]
+    groups = [(t[0], w) for t, w in groups if len(t) and len(w)]
+    return stats.within_auc(np.array([t for t, _ in groups]), [w for _, w in groups])
 
 
 def readout_direction(model) -> Float[Tensor, " d_model"]:
@@ -203,14 +197,14 @@ def probe_study(model, cells=None, train_questions: int = 4096, test_questions: 
     rows = []
     for (site, pos), x in tqdm(a_train.items(), desc="probes", disable=quiet):
         w, b = fit_probe(x, train.correct)
-        train_auc = within_auc(x @ w, train.question, train.correct).mean()
+        train_auc = rows_within_auc(x @ w, train.question, train.correct).mean()
         cos = float(torch.nn.functional.cosine_similarity(w, u, dim=0))
         xt = a_test[(site, pos)]
         for group, sel in groups:
             sel_t = torch.from_numpy(sel)
-            auc = within_auc((xt @ w)[sel_t], test.question[sel_t], test.correct[sel_t])
-            read = within_auc((xt @ u)[sel_t], test.question[sel_t], test.correct[sel_t])
-            mean, lo, hi = _boot_mean(auc, rng, n_boot)
+            auc = rows_within_auc((xt @ w)[sel_t], test.question[sel_t], test.correct[sel_t])
+            read = rows_within_auc((xt @ u)[sel_t], test.question[sel_t], test.correct[sel_t])
+            mean, lo, hi = stats.boot_mean(auc, rng, n_boot)
             rows.append(dict(site=site, position=pos, cell=group, probe_auc=mean, lo=lo, hi=hi, n=len(auc),
                              train_auc=train_auc, readout_auc=read.mean() if len(read) else np.nan,
                              cos_readout=cos))

@@ -25,8 +25,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tsds_interp.attribution import OBJECTIVES, Trajectories, attribute, summarize
-from tsds_interp.metrics import wilson
 from tsds_interp.patching import GRIDS, activation_patch, attribution_patch, to_frame
+from tsds_interp.stats import wilson
 from tsds_interp.task import DECISION, END, PADDING, PROMPT, ROLE_NAMES, SAMPLE
 
 ROLE_OF = {name: i for i, name in enumerate(ROLE_NAMES)}

@@ -40,7 +40,7 @@ from tsds_interp.circuits import (  # noqa: E402
 )
 from tsds_interp.edges import draw_graph, prune  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
-from tsds_interp.patch import make_pairs  # noqa: E402
+from tsds_interp.pairs import make_pairs  # noqa: E402
 
 EFFECTS = ("within_auc", "logit_gap", "logit_gap_share", "greedy_accuracy", "sample_accuracy")
 

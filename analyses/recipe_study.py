@@ -26,7 +26,7 @@ from tsds_interp import cli  # noqa: E402
 from tsds_interp.metrics import collect_verification, ds_metrics, hard_cells, verification_table  # noqa: E402
 from tsds_interp.model import config_of, load, resolve_checkpoint  # noqa: E402
 from tsds_interp.rollout import rollout  # noqa: E402
-from tsds_interp.task import sample_questions  # noqa: E402
+from tsds_interp.task import TaskConfig, sample_questions  # noqa: E402
 
 SHOWN = ("within_auc@1", "within_auc@2", "within_share", "corruption_auc", "own_logprob_auc", "greedy_accuracy",
          "p_s_first", "realized_accuracy", "reflection_gain")
@@ -47,7 +47,7 @@ def evaluate(label: str, where: str, n_questions: int, seed: int = 0) -> list[di
     model = load(path)
     task = config_of(model).task
     cells = hard_cells(task)
-    parsed = tuple(tuple(int(x) for x in c.split("x")) for c in cells)
+    parsed = TaskConfig.parse_cells(cells)
     q = sample_questions(task, "test", n_questions, seed=10_007 + seed, cells=parsed)
     r = rollout(model, q, task=task, temperature=1.0, seed=seed + 3)  # one set of episodes for both tables
     v = verification_table(collect_verification(model, q, seed=seed), cells, r, seed=seed)

@@ -31,7 +31,7 @@ from tsds_interp.metrics import verification_metrics  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.rollout import rollout  # noqa: E402
 from tsds_interp.stats import wilson  # noqa: E402
-from tsds_interp.task import sample_questions  # noqa: E402
+from tsds_interp.task import TaskConfig, sample_questions  # noqa: E402
 
 COLUMNS = ("greedy", "first_attempt", "realized", "within_auc", "e_plus", "e_minus")
 
@@ -45,7 +45,7 @@ def _accuracy(model, cells, n: int, temperature: float, budget: int | None) -> t
 
 
 def _decision(model, cells, n: int) -> dict[str, tuple[float, float, float, int]]:
-    df = verification_metrics(model, n, samples=8, cells=tuple(f"{a}x{b}" for a, b in cells), n_boot=500)
+    df = verification_metrics(model, n, samples=8, cells=tuple(TaskConfig.cell_name(c) for c in cells), n_boot=500)
     m = df[df.cell == "all"].set_index("metric")
     get = lambda k: tuple(m.loc[k, ["value", "lo", "hi", "n"]])
     if model.tsds_config.task.steps:
@@ -120,7 +120,7 @@ def _parser() -> cli.Parser:
 
 def _run(args) -> int:
     try:
-        cells = [tuple(int(x) for x in c.split("x")) for c in args.cells.split(",") if c]
+        cells = list(TaskConfig.parse_cells(args.cells, "--cells"))
         if not cells or any(len(c) != 2 for c in cells):
             raise ValueError
     except ValueError:

@@ -42,7 +42,7 @@ from tsds_interp.attribution import parameter_groups  # noqa: E402
 from tsds_interp.circuits import by_label  # noqa: E402
 from tsds_interp.metrics import decision_scores, ds_metrics, score_candidates  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
-from tsds_interp.patching import own_samples  # noqa: E402
+from tsds_interp.pairs import own_samples  # noqa: E402
 from tsds_interp.stats import within_auc  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
 

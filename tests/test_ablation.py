@@ -1,6 +1,7 @@
 import torch
 
-from tsds_interp.ablation import ablation_hook, ablation_sweep, main, rollout_with_hooks
+from tsds_interp.ablation import ablation_hook, ablation_sweep, rollout_with_hooks
+from tsds_interp.cli.ablation import main
 from tsds_interp.rollout import rollout
 from tsds_interp.task import sample_questions
 

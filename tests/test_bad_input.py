@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tsds_interp import ablation, attribution, bench, patch, probe, ship, train, verify
+from tsds_interp import ship as ship_library
+from tsds_interp.cli import ablation, attribution, bench, patch, probe, ship, train, verify
 from tsds_interp.model import ModelConfig, build_model, save
 from tsds_interp.task import TaskConfig
 
@@ -63,7 +64,7 @@ def world(tmp_path_factory):
         damage(root / f"stage_{name}" / "checkpoint")
     (root / "afile").write_text("x")
     (root / "shipped").mkdir()
-    ship.ship(root / "stage", "taken", "cmd", dest=root / "shipped")
+    ship_library.ship(root / "stage", "taken", "cmd", dest=root / "shipped")
     (root / "shipped_bad_table").mkdir()
     (root / "shipped_bad_table" / "heldout_metrics.csv").write_bytes(b"\xff\x00\x01,\n\"unterminated")
     (root / "shipped_bad_manifest").mkdir()
@@ -166,7 +167,7 @@ CASES += [(train, ["rl", "--out", "{root}/new", "--preset", "tiny", "--init", f"
 @pytest.mark.parametrize("module,argv,words", CASES,
                          ids=[f"{m.__name__.split('.')[-1]}:{' '.join(a)[:60]}" for m, a, _ in CASES])
 def test_bad_input_one_line_exit_2_nothing_written(world, module, argv, words, capsys, monkeypatch):
-    monkeypatch.setattr(ship, "SHIPPED_DIR", world / "shipped")
+    monkeypatch.setattr(ship_library, "SHIPPED_DIR", world / "shipped")
     before = _snapshot(world)
     rc = module.main([a.format(root=world) for a in argv])
     out, err = capsys.readouterr()
@@ -180,7 +181,7 @@ def test_bad_input_one_line_exit_2_nothing_written(world, module, argv, words, c
 @pytest.mark.parametrize("dest,words", [("shipped_bad_table", "heldout_metrics.csv"),
                                         ("shipped_bad_manifest", "manifest.json is not valid JSON")])
 def test_ship_damaged_records_refused_before_copying(world, dest, words, capsys, monkeypatch):
-    monkeypatch.setattr(ship, "SHIPPED_DIR", world / dest)
+    monkeypatch.setattr(ship_library, "SHIPPED_DIR", world / dest)
     before = _snapshot(world)
     assert ship.main([str(world / "stage"), "fresh", "--command", "c"]) == 2
     err = capsys.readouterr().err
@@ -192,11 +193,10 @@ def _library_cases(model):
     from tsds_interp.ablation import ablation_sweep
     from tsds_interp.metrics import verification_metrics
     from tsds_interp.objectives import advantages
-    from tsds_interp.patch import run_patching
-    from tsds_interp.patching import activation_patch, attribution_patch
+    from tsds_interp.patching import activation_patch, attribution_patch, run_patching
+    from tsds_interp.presets import TrainConfig
     from tsds_interp.rollout import rollout
     from tsds_interp.task import sample_questions
-    from tsds_interp.train import TrainConfig
 
     tokens = torch.zeros(2, 7, dtype=torch.long)
     metric = lambda logits: logits[:, -1, 0].mean()  # noqa: E731

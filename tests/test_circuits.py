@@ -13,7 +13,8 @@ from tsds_interp.circuits import (
     patch_components,
     shared_components,
 )
-from tsds_interp.patching import activation_patch, attribution_patch, sampling_pairs
+from tsds_interp.pairs import sampling_pairs
+from tsds_interp.patching import activation_patch, attribution_patch
 
 
 def _no_hooks(model):

@@ -20,7 +20,7 @@ from tsds_interp.edges import (
     reader_grads,
 )
 from tsds_interp.model import load
-from tsds_interp.patching import decision_pairs
+from tsds_interp.pairs import decision_pairs
 
 
 def _no_hooks(model):

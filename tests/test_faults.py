@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tsds_interp.model import load, save
-from tsds_interp.train import Trainer, preset_config, train_stage
+from tsds_interp.train import Stage, preset_config, run_stage, save_checkpoint, train_stage
 
 STEPS = dict(ckpt_every=1, eval_every=100, log_every=1)
 
@@ -70,18 +70,18 @@ def test_resume_drops_a_torn_log_row_and_recovers_an_interrupted_replace(tmp_pat
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     cfg = preset_config("tiny", "pretrain", steps=2, eval_questions=8, **STEPS)
-    t = Trainer(cfg, tmp_path, quiet=True)
-    t.run()
+    s = Stage.build(cfg)
+    run_stage(s, tmp_path, quiet=True)
     kept = load(tmp_path)
     with torch.no_grad():
-        next(t.model.parameters())[0] = float("nan")
-    t.step += 1
+        next(s.model.parameters())[0] = float("nan")
+    s.step += 1
     with pytest.raises(FloatingPointError, match="is not finite.*last checkpoint .* is kept"):
-        t.save()
+        save_checkpoint(s, tmp_path)
     assert _equal(load(tmp_path), kept)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     with pytest.raises(FloatingPointError, match="not finite"):
-        save(t.model, tmp_path / "other")
+        save(s.model, tmp_path / "other")
     assert not (tmp_path / "other").exists()
 
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from tsds_interp.metrics import ds_metrics, predicted_accuracy, simulate_ds
-from tsds_interp.stats import wilson
 from tsds_interp.rollout import ACCEPTED, INVALID, NOT_REACHED, REJECTED, Rollouts
+from tsds_interp.stats import wilson
 
 A, R, N, X = ACCEPTED, REJECTED, NOT_REACHED, INVALID
 

@@ -8,15 +8,10 @@ import transformer_lens.patching as tlp
 from transformer_lens.tools.analysis.attribution_patching import Node
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attr
 
+from tsds_interp.cli.patch import main as patch_main
 from tsds_interp.model import ModelConfig, build_model, load, save
-from tsds_interp.patch import main as patch_main
-from tsds_interp.patching import (
-    activation_patch,
-    attribution_patch,
-    decision_pairs,
-    normalized,
-    sampling_pairs,
-)
+from tsds_interp.pairs import decision_pairs, sampling_pairs
+from tsds_interp.patching import activation_patch, attribution_patch, normalized
 
 TL = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
       "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
@@ -180,8 +175,8 @@ def test_patch_cli_runs_under_bf16_autocast(tmp_path, capsys):
 
 
 def test_normalized_scores_only_where_the_gap_interval_excludes_zero(model):
-    from tsds_interp.patch import run_patching
-    from tsds_interp.patching import Pairs
+    from tsds_interp.pairs import Pairs
+    from tsds_interp.patching import run_patching
     task = model.tsds_config.task
     real = decision_pairs(load("sft"), task, 8, seed=0, cells="1x1")  # truth vs wrong: gap of several logits
     sft = load("sft")

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tsds_interp.probe import fit_probe, main, probe_rows, probe_study, readout_direction, rows_within_auc
+from tsds_interp.cli.probe import main
+from tsds_interp.probe import fit_probe, probe_rows, probe_study, readout_direction, rows_within_auc
 
 
 def test_probe_recovers_a_planted_direction():

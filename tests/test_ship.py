@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
+from tsds_interp.cli.ship import main
 from tsds_interp.model import CheckpointError, load
-from tsds_interp.ship import main, ship
+from tsds_interp.ship import ship
 
 
 def test_ship_copies_weights_and_records_manifest(trained_tiny, tmp_path):

@@ -13,7 +13,7 @@ from tsds_interp.metrics import (
     verification_metrics,
 )
 from tsds_interp.model import ModelConfig, build_model, load
-from tsds_interp.patching import decision_pairs, sampling_pairs
+from tsds_interp.pairs import decision_pairs, sampling_pairs
 from tsds_interp.rollout import ACCEPTED, REJECTED, StepRollouts, rollout, sample_steps
 from tsds_interp.task import (
     ACCEPT,
@@ -227,7 +227,7 @@ def test_step_verification_rows_match_hand_computation():
 
 
 def test_verification_metrics_and_verify_cli_on_a_step_model(trained_steps, tmp_path, capsys):
-    from tsds_interp.verify import main
+    from tsds_interp.cli.verify import main
 
     paths, _ = trained_steps
     model = load(paths["rl"])

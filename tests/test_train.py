@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 
+from tsds_interp.cli.train import main
 from tsds_interp.data import reflective_sft_data, solution_batch
 from tsds_interp.model import load
 from tsds_interp.objectives import token_logprobs
 from tsds_interp.task import ACCEPT, DECISION, REJECT, SAMPLE, token_roles
-from tsds_interp.train import Trainer, main, preset_config, train_stage
+from tsds_interp.train import Stage, preset_config, rl_batch, rl_loss, run_stage, train_stage, update
 
 
 def test_tiny_pipeline_runs_every_stage(trained_tiny):
@@ -25,14 +26,14 @@ def test_one_policy_gradient_step_raises_the_logprob_of_rewarded_episodes(traine
     advantage-weighted log-probability of its episodes (first order in the step size)."""
     paths, _ = trained_tiny
     cfg = preset_config("tiny", "rl", steps=1, lr=1e-4, warmup=1, beta=0.0, log_every=100, eval_every=100)
-    t = Trainer(cfg, tmp_path, init=paths["sft"], quiet=True)
-    batch = t._rl_batch()
-    tokens, roles, old_logp, _, adv, _ = batch
+    s = Stage.build(cfg, init=paths["sft"])
+    batch = rl_batch(s)
+    tokens, roles, old_logp, adv = batch.tokens, batch.roles, batch.old_logp, batch.advantage
     assert (adv > 0).any() and (adv < 0).any()
-    terms, _ = t._rl_terms(batch)
-    t._update(terms, log=False)
+    terms, _ = rl_loss(s, batch)
+    update(s, terms, log=False)
     with torch.no_grad():
-        new_logp, _ = token_logprobs(t.model, tokens)
+        new_logp, _ = token_logprobs(s.model, tokens)
     counted = (roles == SAMPLE) | (roles == DECISION)
     change = ((new_logp - old_logp) * counted).sum(1)
     assert (adv * change).sum() > 0
@@ -100,8 +101,7 @@ def test_cli_errors(tmp_path, capsys):
 
 def test_trainer_role_grad_norms_logged(tmp_path):
     cfg = preset_config("tiny", "pretrain", steps=2, log_every=1, eval_every=100)
-    t = Trainer(cfg, tmp_path)
-    t.run()
+    run_stage(Stage.build(cfg), tmp_path)
     row = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert row["grad_norm_sample"] > 0 and row["grad_norm_decision"] > 0
 

@@ -21,11 +21,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from tsds_interp import checks, cli
+from tsds_interp import checks
 from tsds_interp.metrics import ds_metrics
-from tsds_interp.model import autocast, checkpoint_config, config_of, load, resolve_checkpoint
+from tsds_interp.model import config_of
 from tsds_interp.patching import check_hook_names
-from tsds_interp.plotting import heatmap
 from tsds_interp.rollout import rollout
 from tsds_interp.stats import proportion_difference
 from tsds_interp.task import sample_questions
@@ -127,51 +126,6 @@ def label_components(df: pd.DataFrame, threshold: float = 0.05) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _parser() -> cli.Parser:
-    p = cli.Parser("python -m tsds_interp.ablation", __doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="rl", help="checkpoint folder or shipped name")
-    p.add_argument("--mode", default="zero", choices=MODES)
-    p.add_argument("--questions", type=cli.integer(1, MAX_QUESTIONS), default=256)
-    p.add_argument("--threshold", type=cli.real(0, 1), default=0.05,
-                   help="smallest |change| of a metric that labels a component")
-    p.add_argument("--seed", type=cli.SEED, default=0)
-    p.add_argument("--device", type=cli.device, default="cpu")
-    p.add_argument("--out", type=cli.out_dir, default="runs/ablation")
-    p.add_argument("--max-batch", type=cli.integer(1, 2**20), default=2048,
-                   help="episodes decoded at once (memory bound)")
-    p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bfloat16 autocast")
-    p.add_argument("--quiet", action="store_true")
-    return p
-
-
-def _ablate(args) -> int:
-    checkpoint_config(args.checkpoint)
-    model = load(resolve_checkpoint(args.checkpoint), device=args.device)
-    with autocast(args.device, args.autocast):
-        df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
-                            quiet=args.quiet, max_batch=args.max_batch)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "ablation.csv", index=False)
-    for metric in SCORED:
-        part = df[df.metric == metric].assign(head=lambda d: d["head"].map(lambda h: "mlp" if h < 0 else f"H{h}"))
-        heatmap(part, "layer", "head", out / f"ablation_{args.mode}_{metric}.png",
-                f"{args.mode} ablation: change in {metric}", value="delta")
-    wide = df.pivot_table(index=["component", "label"], columns="metric", values="delta", sort=False)
-    print(f"{args.mode} ablation of {args.checkpoint}, {args.questions} questions: change vs baseline")
-    print(wide[list(SCORED)].round(3).to_string())
-    print(f"\nwrote {out}/ablation.csv and heatmaps")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _ablate, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def transplant_hooks(source, comps: list[tuple[str, int, int | None]]) -> list[tuple[str, callable]]:
     """Forward hooks for a target model that replace each component in ``comps`` (hook name,
     layer, head or None) with ``source``'s activation on the same tokens: cross-model activation
@@ -195,3 +149,9 @@ def transplant_hooks(source, comps: list[tuple[str, int, int | None]]) -> list[t
 
     return [("embed.hook_in", read_tokens)] + [
         (name, lambda a, hook, name=name, head=head: replace(a, hook, name, head)) for name, _, head in comps]
+
+
+if __name__ == "__main__":  # python -m tsds_interp.ablation
+    from tsds_interp.cli.ablation import main
+
+    sys.exit(main())

@@ -10,8 +10,6 @@ reference time / ours except for ``train`` (ours / reference: lower is better th
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 import sys
@@ -22,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tsds_interp import cli
 from tsds_interp.model import ModelConfig, build_model, load, shipped_names
 
 
@@ -183,7 +180,8 @@ def bench_train(quick: bool) -> dict:
 def bench_patching(quick: bool) -> dict:
     import transformer_lens.patching as tlp
 
-    from tsds_interp.patching import activation_patch, attribution_patch, decision_pairs
+    from tsds_interp.pairs import decision_pairs
+    from tsds_interp.patching import activation_patch, attribution_patch
 
     model, which = _bench_model()
     pairs = decision_pairs(model, model.tsds_config.task, 8 if quick else 32, seed=0)
@@ -215,38 +213,7 @@ def bench_patching(quick: bool) -> dict:
 ENTRIES = {"rollout": bench_rollout, "train": bench_train, "patching": bench_patching}
 
 
-def _entry(name: str) -> str:
-    if name not in ENTRIES:
-        raise argparse.ArgumentTypeError(f"unknown entry {name!r}; choose from {', '.join(ENTRIES)}")
-    return name
+if __name__ == "__main__":  # python -m tsds_interp.bench
+    from tsds_interp.cli.bench import main
 
-
-def _parser() -> cli.Parser:
-    p = cli.Parser("python -m tsds_interp.bench", __doc__.split("\n\n")[0])
-    p.add_argument("entries", nargs="*", default=list(ENTRIES), type=_entry, metavar="ENTRY",
-                   help=f"any of {', '.join(ENTRIES)}")
-    p.add_argument("--json", type=cli.out_file, help="also write the results to this JSON file")
-    p.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats")
-    return p
-
-
-def _bench(args) -> int:
-    torch.manual_seed(0)
-    results = {}
-    for entry in args.entries:
-        results[entry] = ENTRIES[entry](args.quick)
-        for name, r in results[entry].items():
-            print(f"{entry}.{name:<12} ours {r['ours_s']:.4f}s  reference {r['reference_s']:.4f}s  "
-                  f"ratio {r['ratio']:.2f}  ({r['reference']})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _bench, argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -34,10 +34,11 @@ from tsds_interp.ablation import ablation_hook, ablation_sweep, components, roll
 from tsds_interp.edges import edge_attribution
 from tsds_interp.metrics import decision_scores, score_candidates
 from tsds_interp.model import config_of
-from tsds_interp.patching import Pairs, attribution_patch, own_samples, parse_cells
+from tsds_interp.pairs import Pairs, own_samples
+from tsds_interp.patching import attribution_patch
 from tsds_interp.rollout import rollout
 from tsds_interp.stats import boot_mean, mean_gap, proportion_difference, wilson, within_auc
-from tsds_interp.task import Questions, sample_questions
+from tsds_interp.task import Questions, TaskConfig, sample_questions
 
 METHODS = ("activation", "attribution", "ablation", "edges")
 Component = tuple[str, int, int | None]  # hook name, layer, head (None for an MLP)
@@ -182,7 +183,7 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
       model; normal-approximation interval of the difference.
     """
     task = config_of(model).task
-    chosen = parse_cells(cells, task)
+    chosen = task.in_distribution(cells)
     rng = np.random.default_rng(seed)
     reference = rollout(model, sample_questions(task, "train", 256, seed=seed + 6), task=task, seed=seed).tokens
     sets = {f"{f} circuit": by_label(model, labels) for f, labels in circuits.items() if labels}
@@ -219,7 +220,7 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
     df = pd.DataFrame(rows)
     df["components"] = df.ablated.map({k: " ".join(component_label(c[1], c[2]) for c in v)
                                        for k, v in sets.items()}).fillna("")
-    df["cells"] = ",".join(f"{a}x{b}" for a, b in chosen)
+    df["cells"] = TaskConfig.format_cells(chosen)
     return df
 
 

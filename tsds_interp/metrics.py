@@ -168,7 +168,7 @@ def ds_metrics(r: Rollouts, budget: int | None = None, n_boot: int = 2000, seed:
     rows = []
     for cell in sorted(set(zip(da, db))):
         sel = (da == cell[0]) & (db == cell[1])
-        rows += _cell_rows(f"{cell[0]}x{cell[1]}", {k: v[sel] for k, v in counts.items()},
+        rows += _cell_rows(TaskConfig.cell_name(cell), {k: v[sel] for k, v in counts.items()},
                            budget, rng, n_boot)
     rows += _cell_rows("all", counts, budget, rng, n_boot)
     return pd.DataFrame(rows)
@@ -222,7 +222,7 @@ def step_ds_metrics(r: StepRollouts, budget: int | None = None, n_boot: int = 20
     counts, owner, index = _call_counts(r)
     da, db = num_digits(r.a).numpy(), num_digits(r.b).numpy()
     rng = np.random.default_rng(seed)
-    cells = [(f"{c[0]}x{c[1]}", (da == c[0]) & (db == c[1])) for c in sorted(set(zip(da, db)))]
+    cells = [(TaskConfig.cell_name(c), (da == c[0]) & (db == c[1])) for c in sorted(set(zip(da, db)))]
     rows = []
     for cell, sel in [*cells, ("all", np.ones(len(r), bool))]:
         calls = sel[owner]
@@ -419,7 +419,7 @@ def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: I
                  "wrong": [gap_flat[i][wrong[i]].numpy() for i in first]}]
     attempts += [_attempt_scores(scorer, task, prompt, truth, wrong_lists, k)
                  for k in range(1, task.budget if n_attempts is None else n_attempts)]
-    cells = np.array([f"{x}x{y}" for x, y in questions.cells])
+    cells = np.array([TaskConfig.cell_name(c) for c in questions.cells])
     greedy_correct = (greedy == truth).numpy()
     return VerificationData(cells=cells, greedy_correct=greedy_correct, sample_correct=correct.numpy(),
                             sample_wellformed=wellformed.numpy(), slip=(wrong.numpy() & greedy_correct[:, None]),
@@ -524,7 +524,7 @@ def _attempt_rates(r: Rollouts, sel: np.ndarray, cell: str) -> list[dict]:
 def hard_cells(task: TaskConfig) -> tuple[str, ...]:
     """The in-distribution cells with the most digits in all (2x3 and 3x2 for the small task)."""
     top = max(a + b for a, b in task.train_cells)
-    return tuple(f"{a}x{b}" for a, b in task.train_cells if a + b == top)
+    return tuple(TaskConfig.cell_name(c) for c in task.train_cells if sum(c) == top)
 
 
 MAX_QUESTIONS, MAX_SAMPLES, MAX_BOOT = 10**6, 1024, 10**6
@@ -568,13 +568,13 @@ def verification_metrics(model, n_questions: int = 2400, samples: int = 8, tempe
     check_sampling(n_questions, samples, temperature, seed, n_boot)
     if cells is not None:
         try:
-            chosen = tuple(tuple(int(x) for x in c.split("x")) for c in cells)
+            chosen = TaskConfig.parse_cells(cells)
         except (ValueError, AttributeError):
             raise ValueError(f"cells must be AxB cells such as 1x2, got {cells!r}") from None
         unknown = [c for c, t in zip(cells, chosen) if t not in task.train_cells]
         if unknown:
             raise ValueError(f"cells {unknown} are not in-distribution cells of this task "
-                             f"({', '.join(f'{a}x{b}' for a, b in task.train_cells)})")
+                             f"({TaskConfig.format_cells(task.train_cells)})")
     else:
         chosen = None
     q = sample_questions(task, "test", n_questions, seed=10_007 + seed, cells=chosen)
@@ -646,7 +646,7 @@ def collect_step_verification(model, questions: Questions, samples: int = 8, tem
     shape = (n, samples)
     nan_bad = lambda x: torch.where(wellformed, x, torch.nan).view(shape).numpy()
     return StepVerificationData(
-        cells=np.array([f"{x}x{y}" for x, y in questions.cells]),
+        cells=np.array([TaskConfig.cell_name(c) for c in questions.cells]),
         greedy_correct=check_steps(s, greedy.clamp(max=9), task).numpy() & (greedy <= 9).all(1).numpy(),
         sample_correct=correct.view(shape).numpy(), sample_wellformed=wellformed.view(shape).numpy(),
         gap_truth=gap_t.numpy(), p_acc_truth=p_t.numpy(), gap_sample=nan_bad(gap_s), p_acc_sample=nan_bad(p_s),

@@ -20,37 +20,18 @@ gradient is averaged along the straight line from base to source, one layer at a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from tsds_interp import checks
+from tsds_interp.edges import edge_attribution, edge_patch
 from tsds_interp.forward import OwnWeights, use_own_weights
-from tsds_interp.metrics import decision_scores, score_candidates
-from tsds_interp.rollout import rollout, sample_steps
-from tsds_interp.stats import boot_mean, mean_gap
-from tsds_interp.task import (
-    ACCEPT,
-    REJECT,
-    Cell,
-    Questions,
-    States,
-    TaskConfig,
-    answer_tokens,
-    corrupt_digit,
-    corrupt_step_tokens,
-    num_digits,
-    prompt_tokens,
-    random_states,
-    sample_questions,
-    state_tokens,
-    true_step_tokens,
-)
+from tsds_interp.pairs import Pairs, make_pairs
 
 Metric = Callable[[Tensor], Tensor]
 Direction = Literal["denoise", "noise"]
@@ -79,227 +60,6 @@ def check_hook_names(model, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- contrast pairs
-
-@dataclass
-class Pairs:
-    """Clean/corrupted token pairs of equal length and the metric that reads them."""
-
-    function: Literal["decision", "sampling"]
-    clean: Int[Tensor, "batch pos"]
-    corrupted: Int[Tensor, "batch pos"]
-    answer: Int[Tensor, "batch answer"]   # sampling: the clean answer tokens; decision: unused
-    origin: list[str]                     # decision: "model" or "corruption" per pair
-    prompt_len: int
-    cells: list[str] = field(default_factory=list)  # the difficulty cells the questions come from
-    cell_rule: str = "all"                # how those cells were chosen
-
-    def metric_per_pair(self, logits: Float[Tensor, "batch pos vocab"]) -> Float[Tensor, " batch"]:
-        if self.function == "decision":
-            last = logits[:, -1]
-            return last[:, ACCEPT] - last[:, REJECT]
-        L, P = self.answer.shape[1], self.prompt_len
-        logp = logits[:, P - 1 : P - 1 + L].log_softmax(-1)
-        return logp.gather(-1, self.answer[:, :, None]).squeeze(-1).sum(1)
-
-    def metric(self, logits) -> Tensor:
-        return self.metric_per_pair(logits).mean()
-
-    @torch.no_grad()
-    def gap(self, model, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-        """Mean clean - corrupted metric over pairs with a 95% bootstrap interval over pairs."""
-        d = (self.metric_per_pair(model(self.clean)) - self.metric_per_pair(model(self.corrupted))).float()
-        return boot_mean(d.cpu().numpy(), np.random.default_rng(seed), n_boot)
-
-    def __len__(self) -> int:
-        return self.clean.shape[0]
-
-
-def own_samples(model, questions: Questions, task: TaskConfig, samples: int, temperature: float, seed: int
-                ) -> Int[Tensor, "n samples"]:
-    """``samples`` first-attempt candidates per question (-1 = malformed), sampled at ``temperature``."""
-    r = rollout(model, questions.repeat_interleave(samples), task=task, budget=1, temperature=temperature,
-                seed=seed)
-    return r.values[:, 0].view(len(questions), samples)
-
-
-def screen_cells(model, task: TaskConfig, questions_per_cell: int = 128, samples: int = 8,
-                 temperature: float = 1.0, seed: int = 0, n_boot: int = 1000, min_wrong: int = 20,
-                 max_rounds: int = 4) -> pd.DataFrame:
-    """Where does the decision tell the truth from the model's own wrong samples? Per in-distribution
-    cell, on training-split questions (never the held-out ones pairs are drawn from), drawn in rounds
-    of ``questions_per_cell`` until ``min_wrong`` have a wrong sample: the mean within-question
-    ACCEPT-REJECT logit gap, truth minus own wrong samples, with a bootstrap interval over questions
-    at the Bonferroni level 1 - 0.05 / cells; ``deciding`` where it lies above 0 (and >= 5 questions)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for cell in task.train_cells:
-        gaps = []
-        for rnd in range(max_rounds):
-            q = sample_questions(task, "train", questions_per_cell, seed=seed + 3 + 100 * rnd, cells=(cell,))
-            gaps.append(_within_gaps(model, q, own_samples(model, q, task, samples, temperature, seed + 4 + rnd),
-                                     task))
-            if sum(map(len, gaps)) >= min_wrong:
-                break
-        gaps = np.concatenate(gaps)
-        _, lo, hi = boot_mean(gaps, rng, n_boot, level=1 - 0.05 / len(task.train_cells))
-        rows.append(dict(cell=f"{cell[0]}x{cell[1]}", gap=gaps.mean() if len(gaps) else np.nan, lo=lo, hi=hi,
-                         questions_with_wrong=len(gaps), deciding=bool(len(gaps) >= 5 and lo > 0)))
-    return pd.DataFrame(rows)
-
-
-def _within_gaps(model, q: Questions, sampled: Int[Tensor, "n samples"], task: TaskConfig) -> np.ndarray:
-    """Per question with a wrong sample: decision logit gap of the truth minus the mean over its wrong samples."""
-    v = score_candidates(q, sampled[:, 0], sampled, task, lambda t: decision_scores(model, t), attempts=1)
-    return mean_gap(v.attempts[0]["truth"], v.attempts[0]["wrong"])
-
-
-def parse_cells(cells: str | tuple[str, ...] | list[str], task: TaskConfig) -> tuple[Cell, ...]:
-    """``"1x2,2x1"`` or ``["1x2", "2x1"]`` -> in-distribution cells, with a clear error."""
-    names = [c.strip() for c in (cells.split(",") if isinstance(cells, str) else cells) if c.strip()]
-    known = {f"{a}x{b}": (a, b) for a, b in task.train_cells}
-    bad = [c for c in names if c not in known]
-    if bad or not names:
-        raise ValueError(f"cells must be in-distribution cells of the task ({', '.join(known)}), "
-                         f"'auto' or 'all'; got {cells!r}")
-    return tuple(known[c] for c in names)
-
-
-def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, cells: str | tuple[str, ...] = "auto",
-                   samples: int = 8, temperature: float = 1.0, fallback: bool = True, max_rounds: int = 8
-                   ) -> Pairs:
-    """Same question, the true product (clean) vs the model's own wrong sample (corrupted); the metric
-    is the ACCEPT - REJECT logit at the decision position.
-
-    ``cells``: ``"auto"`` (default) takes the cells where the decision separates the truth from the
-    model's own wrong samples on screening questions (:func:`screen_cells`; every cell with wrong
-    samples if none does), ``"all"`` every in-distribution cell, or a list such as ``"1x2,2x1"``.
-    Held-out questions of those cells are drawn in rounds, ``samples`` candidates each at
-    ``temperature``, one pair per question with a wrong sample, until ``n`` pairs or ``max_rounds``.
-    With ``fallback``, any shortfall is filled with one-digit corruptions of the truth (``origin``
-    says which pairs are which); without it, a shortfall is an error.
-    """
-    if n < 1:
-        raise ValueError(f"asked for {n} pairs; ask for at least 1")
-    if task.steps:
-        return _step_decision_pairs(model, task, n, seed, cells, samples, temperature, fallback, max_rounds)
-    rule, chosen = _choose_cells(model, task, cells, samples, temperature, seed)
-    rng = np.random.default_rng(seed)
-    qa, qb, wrong = [], [], []
-    for rnd in range(max_rounds):
-        q = sample_questions(task, "test", max(4 * n, 64), seed=seed + 1 + 1000 * rnd, cells=chosen)
-        sampled = own_samples(model, q, task, samples, temperature, seed + 1000 * rnd)
-        is_wrong = (sampled >= 0) & (sampled != (q.a * q.b)[:, None])
-        has = is_wrong.any(1).nonzero().squeeze(1)
-        first = is_wrong[has].float().argmax(1)
-        qa.append(q.a[has]), qb.append(q.b[has]), wrong.append(sampled[has, first])
-        if sum(len(x) for x in qa) >= n:
-            break
-    a, b, w = torch.cat(qa)[:n], torch.cat(qb)[:n], torch.cat(wrong)[:n]
-    k_model = len(a)
-    if k_model < n:
-        if not fallback:
-            raise ValueError(f"the model made only {k_model} wrong samples in cells {_names(chosen)}; ask for "
-                             "fewer pairs, other cells, a higher temperature, or allow the corruption fallback")
-        q = sample_questions(task, "test", n - k_model, seed=seed + 7, cells=chosen)
-        a, b = torch.cat([a, q.a]), torch.cat([b, q.b])
-        w = torch.cat([w, corrupt_digit(q.a * q.b, task, rng)])
-    prompt = prompt_tokens(a, b, task)
-    truth = answer_tokens(a * b, task)
-    origin = ["model"] * k_model + ["corruption"] * (n - k_model)
-    return Pairs("decision", torch.cat([prompt, truth], 1), torch.cat([prompt, answer_tokens(w, task)], 1),
-                 truth, origin, task.prompt_len, cells=_names(chosen), cell_rule=rule)
-
-
-def _names(cells: tuple[Cell, ...]) -> list[str]:
-    return [f"{a}x{b}" for a, b in cells]
-
-
-def _choose_cells(model, task: TaskConfig, cells, samples: int, temperature: float, seed: int
-                  ) -> tuple[str, tuple[Cell, ...]]:
-    if isinstance(cells, str) and cells == "all":
-        return "all", task.train_cells
-    if not (isinstance(cells, str) and cells == "auto"):
-        return "given", parse_cells(cells, task)
-    screen = screen_cells(model, task, samples=samples, temperature=temperature, seed=seed)
-    deciding = screen[screen.deciding].cell.tolist()
-    if deciding:
-        return "auto: screened gap > 0", parse_cells(deciding, task)
-    with_wrong = screen[screen.questions_with_wrong > 0].cell.tolist()
-    return "auto: no cell decides; cells with wrong samples", parse_cells(with_wrong or _names(task.train_cells),
-                                                                          task)
-
-
-def sampling_pairs(task: TaskConfig, n: int, seed: int = 0, cells: str | tuple[str, ...] = "all") -> Pairs:
-    """Two questions differing in one digit of ``a``; the metric is the log-prob of the clean
-    question's answer, teacher-forced after either prompt. ``cells``: ``"all"`` or a list."""
-    if n < 1:
-        raise ValueError(f"asked for {n} pairs; ask for at least 1")
-    chosen = task.train_cells if cells in ("all", "auto") else parse_cells(cells, task)
-    rng = np.random.default_rng(seed)
-    if task.steps:
-        return _step_sampling_pairs(task, n, seed, chosen, rng)
-    q = sample_questions(task, "test", n, seed=seed + 2, cells=chosen)
-    a2 = corrupt_digit(q.a, task, rng)
-    bad = num_digits(a2) != num_digits(q.a)  # keep the difficulty cell: redo leading-digit zeros
-    while bad.any():
-        a2[bad] = corrupt_digit(q.a[bad], task, rng)
-        bad = num_digits(a2) != num_digits(q.a)
-    ans = answer_tokens(q.a * q.b, task)
-    clean = torch.cat([prompt_tokens(q.a, q.b, task), ans], 1)
-    corrupted = torch.cat([prompt_tokens(a2, q.b, task), ans], 1)
-    return Pairs("sampling", clean, corrupted, ans, ["corruption"] * n, task.prompt_len, cells=_names(chosen),
-                 cell_rule="all" if chosen == task.train_cells else "given")
-
-
-def _step_decision_pairs(model, task: TaskConfig, n: int, seed: int, cells, samples: int, temperature: float,
-                         fallback: bool, max_rounds: int) -> Pairs:
-    """Step format: the same state (one drawn from a held-out question's correct episode), the true
-    step (clean) vs the model's own wrong step (corrupted). ``"auto"`` means every in-distribution cell:
-    in this format the decision is read per state, and every cell has states."""
-    rule, chosen = ("all", task.train_cells) if cells in ("all", "auto") else ("given", parse_cells(cells, task))
-    P, L = task.prompt_len, task.answer_len
-    states, wrong = [], []
-    for rnd in range(max_rounds):
-        s = random_states(task, "test", max(4 * n, 64), seed=seed + 1 + 1000 * rnd, cells=chosen)
-        idx = torch.arange(len(s)).repeat_interleave(samples)
-        steps = sample_steps(model, s[idx], task, temperature, seed=seed + 1000 * rnd)[0][:, P : P + L]
-        steps = steps.view(len(s), samples, L)
-        ok = (steps <= 9).all(2)
-        is_wrong = ok & ~(steps == true_step_tokens(s, task)[:, None]).all(2)
-        has = is_wrong.any(1).nonzero().squeeze(1)
-        states.append(s[has])
-        wrong.append(steps[has, is_wrong[has].float().argmax(1)])
-        if sum(len(x) for x in states) >= n:
-            break
-    s, w = States.cat(states)[:n], torch.cat(wrong)[:n]
-    k_model = len(s)
-    if k_model < n:
-        if not fallback:
-            raise ValueError(f"the model made only {k_model} wrong steps in cells {_names(chosen)}; ask for "
-                             "fewer pairs, other cells, a higher temperature, or allow the corruption fallback")
-        extra = random_states(task, "test", n - k_model, seed=seed + 7, cells=chosen)
-        s = States.cat([s, extra])
-        w = torch.cat([w, corrupt_step_tokens(true_step_tokens(extra, task), task, np.random.default_rng(seed))])
-    prompt, truth = state_tokens(s, task), true_step_tokens(s, task)
-    origin = ["model"] * k_model + ["corruption"] * (n - k_model)
-    return Pairs("decision", torch.cat([prompt, truth], 1), torch.cat([prompt, w], 1), truth, origin, P,
-                 cells=_names(chosen), cell_rule=rule)
-
-
-def _step_sampling_pairs(task: TaskConfig, n: int, seed: int, chosen: tuple[Cell, ...], rng) -> Pairs:
-    """Step format: two states one digit of x apart (same y and r); the metric is the log-prob of
-    the clean state's true step."""
-    s = random_states(task, "test", n, seed=seed + 2, cells=chosen)
-    x2 = corrupt_digit(s.x, task, rng)
-    bad = num_digits(x2) != num_digits(s.x)
-    while bad.any():
-        x2[bad] = corrupt_digit(s.x[bad], task, rng)
-        bad = num_digits(x2) != num_digits(s.x)
-    step = true_step_tokens(s, task)
-    clean = torch.cat([state_tokens(s, task), step], 1)
-    corrupted = torch.cat([state_tokens(States(x2, s.y, s.r), task), step], 1)
-    return Pairs("sampling", clean, corrupted, step, ["corruption"] * n, task.prompt_len, cells=_names(chosen),
-                 cell_rule="all" if chosen == task.train_cells else "given")
 
 
 # ---------------------------------------------------------------- exact patching
@@ -528,3 +288,104 @@ def to_frame(values: Tensor, grid: str, **labels) -> pd.DataFrame:
     for k, v in reversed(labels.items()):
         df.insert(0, k, v)
     return df
+
+
+GRANULARITY_GRIDS = {"layer": ("attn_out", "mlp_out"), "head": ("head",), "head_pos": ("head_pos",),
+                     "edge": ("edge",)}
+
+
+MAX_PAIRS = 10_000
+
+
+def check_patching_args(function: str, method: str, granularity: str, direction: str, n_pairs: int,
+                        seed: int, memory_mb: float, ig_steps: int) -> None:
+    """``ValueError`` naming the first setting of :func:`run_patching` outside its accepted values."""
+    for name, value, allowed in (("function", function, ("decision", "sampling")),
+                                 ("method", method, ("activation", "attribution")),
+                                 ("granularity", granularity, tuple(GRANULARITY_GRIDS)),
+                                 ("direction", direction, ("denoise", "noise"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    checks.number("pairs", n_pairs, lo=1, hi=MAX_PAIRS, integer=True)
+    checks.seed(seed)
+    checks.number("memory_mb", memory_mb, lo=0, hi=1e7, lo_open=True)
+    checks.number("ig_steps", ig_steps, lo=1, hi=1000, integer=True)
+
+
+def run_patching(model, function: str, method: str = "activation", granularity: str = "head",
+                 n_pairs: int = 32, seed: int = 0, direction: str = "denoise", memory_mb: float = 256,
+                 cells: str = "auto", pairs: Pairs | None = None, n_boot: int = 1000, ig_steps: int = 1
+                 ) -> pd.DataFrame:
+    """Tidy patching scores for one function ('decision' or 'sampling').
+
+    ``effect``: change of the metric from the base run (corrupted run when denoising); ``value``:
+    the normalized score (0 = corrupted run, 1 = clean run), NaN when the clean - corrupted gap's
+    95% bootstrap interval (``gap_lo``, ``gap_hi``) includes 0, where normalizing divides by noise.
+    ``granularity="edge"``: one row per edge (``source``, ``target``; :mod:`tsds_interp.edges`), exact
+    single-edge path patching (activation) or edge attribution with ``ig_steps`` (attribution).
+    """
+    check_patching_args(function, method, granularity, direction, n_pairs, seed, memory_mb, ig_steps)
+    pairs = pairs or make_pairs(model, function, n_pairs, seed, cells)
+    with torch.no_grad():
+        clean_v = float(pairs.metric(model(pairs.clean)))
+        corr_v = float(pairs.metric(model(pairs.corrupted)))
+    gap, lo, hi = pairs.gap(model, n_boot=n_boot, seed=seed)
+    defined = bool(lo > 0 or hi < 0)
+    base_v = corr_v if direction == "denoise" else clean_v
+    frames = []
+    for grid in GRANULARITY_GRIDS[granularity]:
+        if grid == "edge":
+            df = edge_attribution(model, pairs.clean, pairs.corrupted, pairs.metric, direction, ig_steps)
+            if method == "activation":
+                df["score"] = edge_patch(model, pairs.clean, pairs.corrupted, pairs.metric,
+                                         list(zip(df.source, df.target)), direction).effect.to_numpy()
+            effect = torch.tensor(df.score.to_numpy())
+            norm = normalized(effect, clean_v, corr_v, direction, attribution=True)
+            df = df.drop(columns="score").assign(function=function, method=method, grid="edge",
+                                                 value=norm.numpy() if defined else float("nan"))
+            df["effect"] = effect.numpy()
+        elif method == "activation":
+            raw = activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction,
+                                   memory_mb=memory_mb)
+            effect = raw - base_v
+        else:
+            raw = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, grid, direction, ig_steps)
+            effect = raw
+        if grid != "edge":
+            norm = normalized(raw, clean_v, corr_v, direction, attribution=method == "attribution")
+            df = to_frame(norm if defined else torch.full_like(norm, float("nan")), grid, function=function,
+                          method=method)
+            df["effect"] = effect.flatten().numpy()
+        df["clean_metric"], df["corrupted_metric"] = clean_v, corr_v
+        df["gap"], df["gap_lo"], df["gap_hi"], df["normalized_defined"] = gap, lo, hi, defined
+        df["pairs"], df["own_wrong_pairs"] = len(pairs), pairs.origin.count("model")
+        df["cells"], df["cell_rule"] = ",".join(pairs.cells), pairs.cell_rule
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def component_name(row) -> str:
+    if row.grid == "edge":
+        return f"{row.source}->{row.target}"
+    kind = {"attn_out": "attn", "mlp_out": "mlp", "resid_pre": "resid"}.get(row.grid)
+    name = f"L{row.layer}H{row.head}" if kind is None else f"L{row.layer}.{kind}"
+    return name + (f"@{row.pos}" if "pos" in row and pd.notna(row.get("pos")) else "")
+
+
+def top_components(df: pd.DataFrame, k: int = 8) -> pd.DataFrame:
+    """The ``k`` cells with the largest |effect| per function (the normalized score where defined)."""
+    df = df.copy()
+    df["component"] = [component_name(r) for r in df.itertuples()]
+    df["abs"] = df.effect.abs()
+    return (df.sort_values("abs", ascending=False).groupby("function", sort=False).head(k)
+            [["function", "component", "effect", "value"]].reset_index(drop=True))
+
+
+def gap_line(part: pd.DataFrame) -> str:
+    """One line on a function's contrast: its gap, interval, pairs and cells, and whether normalizing is defined."""
+    r = part.iloc[0]
+    own = f", {r.own_wrong_pairs} with the model's own wrong sample" if r.function == "decision" else ""
+    verdict = ("normalized scores shown" if r.normalized_defined else
+               "the interval includes 0: normalized scores are undefined, raw effects only")
+    return (f"{r.function}: clean - corrupted metric {r.gap:.3f} [{r.gap_lo:.3f}, {r.gap_hi:.3f}] over "
+            f"{r.pairs} pairs{own}; cells {r.cells} ({r.cell_rule}); {verdict}")

@@ -20,9 +20,7 @@ with low readout AUC: the information is there, in a form the decision does not 
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,11 +30,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tsds_interp import checks, cli, stats
-from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, check_sampling
-from tsds_interp.model import checkpoint_config, config_of, load, resolve_checkpoint, run_versions
-from tsds_interp.patching import own_samples, parse_cells
-from tsds_interp.plotting import heatmap
+from tsds_interp import checks, stats
+from tsds_interp.metrics import MAX_QUESTIONS, check_sampling
+from tsds_interp.model import config_of
+from tsds_interp.pairs import own_samples
 from tsds_interp.rollout import sample_steps
 from tsds_interp.task import (
     ACCEPT,
@@ -82,7 +79,7 @@ def probe_rows(model, task: TaskConfig, split: str, n_questions: int, cells=None
         toks.append(torch.cat([prompt[i].expand(len(values), -1), answer_tokens(values, task)], 1))
         qid += [i] * len(values)
         label += [True] + [False] * len(wrong)
-        cell += [f"{q.cells[i][0]}x{q.cells[i][1]}"] * len(values)
+        cell += [TaskConfig.cell_name(q.cells[i])] * len(values)
     if not toks:
         raise ValueError("the model wrote no wrong samples on these questions; ask for more questions or other cells")
     return ProbeRows(torch.cat(toks), torch.tensor(qid), torch.tensor(label), np.array(cell))
@@ -96,7 +93,7 @@ def _step_probe_rows(model, task: TaskConfig, split: str, n: int, cells, samples
     steps = sample_steps(model, s[torch.arange(n).repeat_interleave(samples)], task, temperature,
                          seed=seed + 1)[0][:, P : P + L].view(n, samples, L)
     truth, prompt = true_step_tokens(s, task), state_tokens(s, task)
-    names = [f"{a}x{b}" for a, b in q.cells]
+    names = [TaskConfig.cell_name(c) for c in q.cells]
     toks, qid, label, cell = [], [], [], []
     for i in range(n):
         ok = (steps[i] <= 9).all(1) & ~(steps[i] == truth[i]).all(1)
@@ -186,7 +183,7 @@ def probe_study(model, cells=None, train_questions: int = 4096, test_questions: 
     task = config_of(model).task
     check_sampling(train_questions, samples, temperature, seed, n_boot, min_questions=MIN_QUESTIONS)
     checks.number("test_questions", test_questions, lo=MIN_QUESTIONS, hi=MAX_QUESTIONS, integer=True)
-    chosen = None if cells in (None, "all") else parse_cells(cells, task)
+    chosen = None if cells in (None, "all") else task.in_distribution(cells)
     train = probe_rows(model, task, "train", train_questions, chosen, samples, temperature, seed=seed)
     test = probe_rows(model, task, "test", test_questions, chosen, samples, temperature, seed=seed + 100)
     a_train = site_activations(model, train.tokens, task.prompt_len)
@@ -211,56 +208,7 @@ def probe_study(model, cells=None, train_questions: int = 4096, test_questions: 
     return pd.DataFrame(rows)
 
 
-def _parser() -> cli.Parser:
-    p = cli.Parser("python -m tsds_interp.probe", __doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="sft", help="checkpoint folder or shipped name")
-    p.add_argument("--cells", default="all", help="cells of the questions: all, or e.g. 1x2,2x1")
-    p.add_argument("--train-questions", type=cli.integer(MIN_QUESTIONS, MAX_QUESTIONS), default=4096)
-    p.add_argument("--test-questions", type=cli.integer(MIN_QUESTIONS, MAX_QUESTIONS), default=2048)
-    p.add_argument("--samples", type=cli.integer(1, MAX_SAMPLES), default=8, help="own samples drawn per question")
-    p.add_argument("--temperature", type=cli.real(0, 100, lo_open=True), default=1.0)
-    p.add_argument("--bootstrap", type=cli.integer(10, MAX_BOOT), default=1000)
-    p.add_argument("--seed", type=cli.SEED, default=0)
-    p.add_argument("--out", type=cli.out_dir, default="runs/probe")
-    p.add_argument("--device", type=cli.device, default="cpu")
-    p.add_argument("--quiet", action="store_true")
-    return p
+if __name__ == "__main__":  # python -m tsds_interp.probe
+    from tsds_interp.cli.probe import main
 
-
-def _probe(args) -> int:
-    task = checkpoint_config(args.checkpoint).task
-    if args.cells != "all":
-        parse_cells(args.cells, task)
-    path = resolve_checkpoint(args.checkpoint)
-    model = load(path, device=args.device)
-    t0 = time.time()
-    df = probe_study(model, args.cells, args.train_questions, args.test_questions, args.samples,
-                     args.temperature, args.seed, args.bootstrap, args.quiet)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "probe.csv", index=False)
-    part = df[df.cell == "all"]
-    resid = part[part.site.str.startswith("resid")].assign(layer=lambda d: d.site.str.split().str[1].astype(int))
-    heatmap(resid, "layer", "position", out / "probe_resid.png", "probe within-question AUC (held out), residual",
-            value="probe_auc")
-    heads = part[~part.site.str.startswith("resid") & (part.position == "decision")].assign(
-        layer=lambda d: d.site.str.extract(r"L(\d+)")[0].astype(int), head=lambda d: d.site.str.extract(r"H(\d+)")[0])
-    heatmap(heads, "layer", "head", out / "probe_heads.png", "probe within-question AUC, head outputs at the decision",
-            value="probe_auc")
-    show = part.sort_values("probe_auc", ascending=False).head(12)
-    print(f"probes of {path}, {time.time() - t0:.1f}s; held-out within-question AUC (all cells), best 12:")
-    print(show[["site", "position", "probe_auc", "lo", "hi", "n", "readout_auc", "cos_readout"]].to_string(
-        index=False, float_format=lambda x: f"{x:.3f}"))
-    (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
-                                              "files": ["probe.csv", "probe_resid.png", "probe_heads.png"],
-                                              "versions": run_versions()}, indent=2))
-    print(f"\nwrote {out}/probe.csv, probe_resid.png, probe_heads.png, run.json")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _probe, argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tsds_interp import checks, cli
+from tsds_interp import checks
 from tsds_interp.metrics import heldout_metrics
 from tsds_interp.model import SHIPPED_DIR, CheckpointError, load, replace_dir
 
@@ -98,24 +98,7 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _parser() -> cli.Parser:
-    p = cli.Parser("python -m tsds_interp.ship", __doc__.split("\n\n")[0])
-    p.add_argument("stage_dir", help="a training stage folder (holds checkpoint/ and run.json)")
-    p.add_argument("name", help="shipped name, e.g. base, sft, rl, sft_balanced")
-    p.add_argument("--command", required=True, help="the command that trained the stage, for the manifest")
-    p.add_argument("--force", action="store_true", help="replace a shipped checkpoint of the same name")
-    return p
+if __name__ == "__main__":  # python -m tsds_interp.ship
+    from tsds_interp.cli.ship import main
 
-
-def _ship(args) -> int:
-    entry = ship(args.stage_dir, args.name, args.command, force=args.force)
-    print(json.dumps({args.name: entry}, indent=2))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _ship, argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

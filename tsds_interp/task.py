@@ -114,6 +114,41 @@ class TaskConfig:
         call; the rejected step is not in the next attempt's context)."""
         return self.prompt_len + (1 if self.steps else self.budget) * self.attempt_len + 1
 
+    # -- difficulty cells: "AxB" = a has A digits, b has B digits
+    @staticmethod
+    def cell_name(cell: Cell) -> str:
+        """``(1, 2)`` -> ``"1x2"``."""
+        return f"{cell[0]}x{cell[1]}"
+
+    @staticmethod
+    def parse_cells(text: str | tuple[str, ...] | list[str], what: str = "cells") -> tuple[Cell, ...]:
+        """``"1x2,2x1"`` (or ``["1x2", "2x1"]``) -> ``((1, 2), (2, 1))``, with a clear error."""
+        names = [c.strip() for c in (text.split(",") if isinstance(text, str) else text) if c.strip()]
+        try:
+            return tuple((int(a), int(b)) for a, b in (c.split("x") for c in names))
+        except (ValueError, AttributeError):
+            raise ValueError(f"{what} are comma-separated AxB cells such as 1x2,2x1; got {text!r}") from None
+
+    @classmethod
+    def cell_names(cls, cells) -> list[str]:
+        """``((1, 2), (2, 1))`` -> ``["1x2", "2x1"]``."""
+        return [cls.cell_name(c) for c in cells]
+
+    @classmethod
+    def format_cells(cls, cells) -> str:
+        """``((1, 2), (2, 1))`` -> ``"1x2,2x1"``."""
+        return ",".join(cls.cell_names(cells))
+
+    def in_distribution(self, cells: str | tuple[str, ...] | list[str]) -> tuple[Cell, ...]:
+        """Named in-distribution cells (``"1x2,2x1"`` or a list of names), checked against ``train_cells``."""
+        names = [c.strip() for c in (cells.split(",") if isinstance(cells, str) else cells) if c.strip()]
+        known = {self.cell_name(c): c for c in self.train_cells}
+        bad = [c for c in names if c not in known]
+        if bad or not names:
+            raise ValueError(f"cells must be in-distribution cells of the task ({', '.join(known)}), "
+                             f"'auto' or 'all'; got {cells!r}")
+        return tuple(known[c] for c in names)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,58 +1,49 @@
-"""Pretraining, reflective SFT and RL loops; presets; checkpoints and exact resume; the CLI.
+"""Pretraining, reflective SFT and RL: one loop, one step function per stage.
 
-``python -m tsds_interp.train {pretrain,sft,rl,pipeline} --preset {tiny,small} --out DIR``
+``python -m tsds_interp.train {pretrain,sft,rl,pipeline} --preset NAME --out DIR`` (see
+:mod:`tsds_interp.cli.train`). :func:`train_stage` builds a :class:`Stage` (model, optimizer,
+schedule, reference model), then repeats ``STEP[stage]`` until ``cfg.steps``, logging, evaluating
+and checkpointing on the way (files and resume rules: :mod:`tsds_interp.checkpointing`; several
+processes: :mod:`tsds_interp.distributed`). Every random draw is a function of ``(seed, step)``, so
+a resumed run gives bit-identical weights on CPU.
 
-A stage folder holds ``log.jsonl`` (one JSON row per logged step), ``metrics.csv`` (held-out DS
-metrics of the final model), ``run.json`` and ``checkpoint/`` (model, config, optimizer state and
-step, written atomically; loadable by :func:`tsds_interp.model.load`). Every random draw is a
-function of ``(seed, step)``, so a resumed run gives bit-identical weights on CPU.
+- :func:`supervised_step` (pretrain, sft): a batch of token rows -> role-weighted cross-entropy -> update.
+- :func:`rl_step`: questions -> rollouts -> outcome rewards -> group advantages -> ``ppo_epochs``
+  clipped policy-gradient updates with a KL penalty to the reference model.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import shutil
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from tsds_interp import checks, cli
+from tsds_interp.checkpointing import (
+    Interrupted,
+    StopRequested,
+    cached_tokens,
+    check_resumable,
+    check_stage_folder,
+    restore_training_checkpoint,
+    save_training_checkpoint,
+    trim_log,
+)
 from tsds_interp.data import reflective_sft_data, solution_batch, verification_data
+from tsds_interp.distributed import Dist
 from tsds_interp.forward import fast_forward, refusal
 from tsds_interp.metrics import ds_metrics
-from tsds_interp.model import (
-    CheckpointError,
-    ModelConfig,
-    apply_umask,
-    autocast,
-    build_model,
-    checkpoint_config,
-    config_of,
-    grow,
-    load,
-    read_config,
-    recover_dir,
-    replace_dir,
-    run_versions,
-    write_checkpoint_files,
-)
+from tsds_interp.model import autocast, build_model, config_of, grow, load, run_versions
 from tsds_interp.objectives import (
-    WEIGHTINGS,
+    Terms,
     advantages,
     discounted_reward,
     kl_terms,
@@ -60,6 +51,7 @@ from tsds_interp.objectives import (
     sft_terms,
     token_logprobs,
 )
+from tsds_interp.presets import STAGES, TrainConfig, preset_config
 from tsds_interp.rollout import rollout
 from tsds_interp.task import (
     DECISION,
@@ -72,617 +64,292 @@ from tsds_interp.task import (
     token_roles,
 )
 
-STAGES = ("pretrain", "sft", "rl")
+__all__ = ["Interrupted", "Stage", "TrainConfig", "pipeline", "preset_config", "train_stage"]
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One stage's settings. Fields a stage does not use are ignored by it."""
-
-    stage: str = "pretrain"
-    steps: int = 1000
-    batch_size: int = 256
-    lr: float = 1e-3
-    warmup: int = 50
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 250
-    eval_questions: int = 512
-    eval_temperature: float = 1.0
-    ckpt_every: int = 250
-    # model (pretrain only)
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    d_mlp: int = 512
-    width: int = 3
-    budget: int = 3
-    train_cells: str = "1x1,1x2,2x1,2x2,1x3,3x1,2x3,3x2"
-    ood_cells: str = "3x3"
-    task_format: str = "oneshot"  # "steps": reflective calls over reduced states
-    # reflective SFT
-    sft_questions: int = 8192
-    first_right_fraction: float = 0.5
-    sft_mix: str = "fixed"  # "natural": keep the model's own first-attempt accuracy per cell
-    sft_temperature: float = 1.0  # temperature of the model's own candidates in the SFT data
-    rejected_samples: str = "train"  # "skip": train the REJECT after a wrong candidate, not the candidate
-    verify_questions: int = 0  # questions that add paired verification rows (right + own wrong)
-    add_layers: int = 0  # sft: grow the --init model by this many function-preserving blocks on top
-    weighting: str = "token_mean"
-    decision_share: float = 0.5
-    # RL
-    questions_per_step: int = 32
-    group: int = 8
-    ppo_epochs: int = 1
-    clip_eps: float = 0.1
-    beta: float = 0.1
-    kl_estimator: str = "k3"
-    advantage: str = "grpo"
-    discount: float = 1.0
-    temperature: float = 1.0
-    rl_rejected_samples: str = "train"  # "mask": no policy gradient on rejected steps' tokens (steps)
-    device: str = "cpu"
-    autocast: str = "none"  # "bf16": bfloat16 autocast for forward passes (training and rollouts)
-
-    def __post_init__(self):
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        for name, (lo, hi) in INT_RANGES.items():
-            lo = 2 if name == "group" and self.advantage == "grpo" and self.stage == "rl" else lo
-            checks.number(_setting(name), getattr(self, name), lo=lo, hi=hi, integer=True)
-        for name, (lo, hi, lo_open) in REAL_RANGES.items():
-            checks.number(_setting(name), getattr(self, name), lo=lo, hi=hi, lo_open=lo_open)
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{_setting(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        checks.device(self.device, _setting("device"))
-        self.model_config()  # validates the model sizes and the task settings
-
-    def task(self) -> TaskConfig:
-        try:
-            cells = {k: tuple(tuple(int(x) for x in c.split("x")) for c in getattr(self, k).split(",") if c)
-                     for k in ("train_cells", "ood_cells")}
-        except (ValueError, AttributeError):
-            raise ValueError(f"--train-cells and --ood-cells are comma-separated AxB cells such as 1x2,2x1; "
-                             f"got {self.train_cells!r} and {self.ood_cells!r}") from None
-        try:
-            return TaskConfig(width=self.width, budget=self.budget, task_format=self.task_format, **cells)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"bad task settings: {e}") from None
-
-    def model_config(self) -> ModelConfig:
-        task = self.task()
-        try:
-            return ModelConfig(n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
-                               d_mlp=self.d_mlp, seed=self.seed, task=task)
-        except ValueError as e:
-            raise ValueError(f"bad model settings: {e}") from None
-
-
-def _setting(name: str) -> str:
-    """How the CLI spells a setting, with its library name: ``grad_clip (--grad-clip)``."""
-    return f"{name} (--{name.replace('_', '-')})"
-
-
-# Accepted values of every setting (the model sizes and task are checked by ModelConfig/TaskConfig).
-INT_RANGES = {"steps": (1, 10**8), "batch_size": (1, 2**20), "warmup": (0, 10**8), "seed": (0, checks.MAX_SEED),
-              "log_every": (1, 10**8), "eval_every": (1, 10**8), "ckpt_every": (1, 10**8),
-              "eval_questions": (1, 10**6), "sft_questions": (1, 10**8), "verify_questions": (0, 10**8),
-              "add_layers": (0, 256), "questions_per_step": (1, 2**20), "group": (1, 2**12),
-              "ppo_epochs": (1, 100)}
-REAL_RANGES = {"lr": (0, 10, True), "weight_decay": (0, 10, False), "grad_clip": (0, 1e6, True),
-               "eval_temperature": (0, 100, False), "first_right_fraction": (0, 1, False),
-               "sft_temperature": (0, 100, True), "decision_share": (0, 1, False), "clip_eps": (0, 10, True),
-               "beta": (0, 1e3, False), "discount": (0, 1, True), "temperature": (0, 100, True)}
-CHOICES = {"weighting": WEIGHTINGS, "kl_estimator": ("k1", "k3"), "autocast": ("none", "bf16"),
-           "sft_mix": ("fixed", "natural"), "rejected_samples": ("train", "skip"),
-           "advantage": ("grpo", "reinforce"), "task_format": ("oneshot", "steps"),
-           "rl_rejected_samples": ("train", "mask")}
-# Settings a resumed run may change; any other difference would not continue the same run.
-RESUME_MAY_CHANGE = ("steps", "log_every", "eval_every", "ckpt_every", "eval_questions", "eval_temperature",
-                     "device")
-
-
-_TINY_MODEL = dict(n_layers=2, d_model=64, n_heads=4, d_mlp=128, width=2, budget=2,
-                   train_cells="1x1,1x2,2x1", ood_cells="2x2", eval_questions=256, log_every=10,
-                   eval_every=50, ckpt_every=50)
-_PAPER_MODEL = dict(n_layers=5, d_model=256, n_heads=8, d_mlp=1024, width=6, budget=3, eval_questions=2048,
-                    train_cells=",".join(f"{i}x{j}" for i in range(1, 6) for j in range(1, 6)), ood_cells="6x6")
-PRESETS: dict[str, dict[str, dict]] = {
-    "tiny": {
-        "pretrain": dict(_TINY_MODEL, steps=300, batch_size=64, lr=3e-3, warmup=20),
-        "sft": dict(_TINY_MODEL, steps=100, batch_size=64, lr=1e-3, warmup=10, sft_questions=1024),
-        "rl": dict(_TINY_MODEL, steps=30, lr=5e-4, warmup=3, questions_per_step=16, group=4,
-                   eval_every=15, ckpt_every=15, log_every=5),
-    },
-    # For one GPU: a 5-layer, d_model 256 model (about 4M parameters) on up to 5x5-digit products.
-    "paper": {
-        "pretrain": dict(_PAPER_MODEL, steps=20000, batch_size=512, lr=1e-3, warmup=500, eval_every=2000,
-                         ckpt_every=1000, log_every=100),
-        "sft": dict(_PAPER_MODEL, steps=3000, batch_size=512, lr=3e-4, warmup=100, sft_questions=65536,
-                    eval_every=500, ckpt_every=500, log_every=50),
-        "rl": dict(_PAPER_MODEL, steps=1000, lr=1e-4, warmup=20, questions_per_step=128, group=8,
-                   eval_every=100, ckpt_every=50, log_every=10),
-    },
-    "small": {
-        "pretrain": dict(steps=3000, batch_size=256, lr=2e-3, warmup=100, eval_every=500,
-                         ckpt_every=250, log_every=50),
-        "sft": dict(steps=600, batch_size=256, lr=5e-4, warmup=30, sft_questions=16384,
-                    eval_every=200, ckpt_every=200, log_every=20),
-        "rl": dict(steps=200, lr=2e-4, warmup=10, questions_per_step=32, group=8, eval_every=50,
-                   ckpt_every=25, log_every=5),
-    },
-}
-# The step format (reduced states, one call per digit of y). steps_small: in-distribution up to 4x4 digits,
-# 5x5 out of distribution, the 4-layer d_model 128 model of "small"; SFT on the model's own steps
-# labelled by the checker with paired verification rows (same state, right and wrong step), rejected
-# steps not imitated, decision and sample tokens half of the loss each; RL with one outcome reward per
-# episode. (Decision share 0.8 at lr 1e-3 cost the sampler a quarter of its step accuracy: see README.)
-_STEPS_TINY = dict(_TINY_MODEL, task_format="steps", eval_questions=128, eval_every=1000, ckpt_every=1000)
-_STEPS_SMALL = dict(task_format="steps", width=5, budget=3, ood_cells="5x5",
-                    train_cells=",".join(f"{i}x{j}" for i in range(1, 5) for j in range(1, 5)))
-_STEPS_SFT = dict(sft_mix="natural", rejected_samples="skip", weighting="role_balanced", decision_share=0.5,
-                  sft_temperature=1.0)
-PRESETS["steps_tiny"] = {
-    "pretrain": dict(PRESETS["tiny"]["pretrain"], **_STEPS_TINY),
-    "sft": dict(PRESETS["tiny"]["sft"], **{**_STEPS_TINY, **_STEPS_SFT, "sft_questions": 512, "verify_questions": 256}),
-    "rl": dict(PRESETS["tiny"]["rl"], **{**_STEPS_TINY, "steps": 20}),
-}
-PRESETS["steps_small"] = {
-    "pretrain": dict(_STEPS_SMALL, steps=600, batch_size=256, lr=2e-3, warmup=50, eval_every=200,
-                     ckpt_every=250, log_every=50),
-    "sft": dict(_STEPS_SMALL, **_STEPS_SFT, steps=1000, batch_size=256, lr=3e-4, warmup=30, sft_questions=16384,
-                verify_questions=32768, eval_every=200, ckpt_every=200, log_every=20),
-    "rl": dict(_STEPS_SMALL, steps=150, lr=2e-4, warmup=10, questions_per_step=32, group=8, eval_every=50,
-               ckpt_every=25, log_every=5),
-}
-PRESETS["steps_paper"] = {stage: dict(cfg, task_format="steps", **(_STEPS_SFT if stage == "sft" else {}))
-                          for stage, cfg in PRESETS["paper"].items()}
-PRESETS["steps_paper"]["sft"]["verify_questions"] = 131072
-
-# The small preset with the reflective-SFT recipe whose decision checks (some) candidates: the model's
-# natural accuracy per cell, rejected candidates not imitated, paired verification rows, decision
-# tokens given 0.8 of the loss at twice the learning rate. Pretraining and RL are those of "small".
-PRESETS["small_verify"] = {**PRESETS["small"], "sft": dict(
-    PRESETS["small"]["sft"], sft_mix="natural", rejected_samples="skip", verify_questions=16384,
-    weighting="role_balanced", decision_share=0.8, lr=1e-3)}
-
-
-def preset_config(preset: str, stage: str, **overrides) -> TrainConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return TrainConfig(stage=stage, **{**PRESETS[preset][stage], **overrides})
-
-
-# ---------------------------------------------------------------- optimizer state as safetensors
 
 def adamw(params, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """AdamW, with the fused (one kernel for all parameters) implementation."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def _lr_lambda(cfg: TrainConfig, total: int):
-    def f(step: int) -> float:
+def lr_schedule(cfg: TrainConfig, total: int):
+    """Linear warm-up over ``cfg.warmup`` updates, then cosine decay to 0.1 of the peak at ``total``."""
+    def factor(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
         progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
+    return factor
 
 
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, state in opt.state_dict()["state"].items():
-        for k, v in state.items():
-            out[f"{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
-    return out
-
-
-def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
-# ---------------------------------------------------------------- the trainer
-
-class _StopRequested:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
-
-    def __init__(self):
-        self.flag = False
-
-    def __enter__(self):
-        self._old = {s: signal.signal(s, self._set) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _set(self, *_):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after saving a checkpoint."""
-
-
-def _step_seed(seed: int, step: int, salt: int = 0) -> int:
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """The seed of one step's random draw (so a resumed run draws what the straight run drew)."""
     return (seed * 1_000_003 + step * 7919 + salt) % (2**31)
 
 
-class Dist:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 without one).
+@dataclass
+class Stage:
+    """Everything one training stage updates or reads: built once by :meth:`build`."""
 
-    A global batch is split into contiguous per-rank shards; every loss is normalised by global
-    token counts (``sum``), so the per-rank losses add up to the single-process loss and the
-    summed gradients equal its gradient. Backend gloo on CPU, nccl on CUDA.
-    """
+    cfg: TrainConfig
+    task: TaskConfig
+    model: torch.nn.Module
+    forward: torch.nn.Module       # own-weights forward where exact, else the hooked model
+    net: torch.nn.Module           # ``forward``, wrapped in DDP under torchrun
+    ref_forward: torch.nn.Module | None  # RL: the frozen reference of the KL penalty
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    dist: Dist
+    step: int = 0
+    sft_data: torch.Tensor | None = None
 
-    def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.device = device
-        if self.world > 1:
-            if device.startswith("cuda"):
-                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (differentiable only through this rank's term, as gradients are)."""
-        if self.world == 1:
-            return x
-        y = x.detach().clone()
-        dist.all_reduce(y)
-        return x + (y - x.detach())
-
-    def shard(self, n: int, what: str) -> slice:
-        if n % self.world:
-            raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
-        k = n // self.world
-        return slice(self.rank * k, (self.rank + 1) * k)
-
-
-class Trainer:
-    def __init__(self, cfg: TrainConfig, out: Path, init: str | Path | None = None,
-                 ref: str | Path | None = None, quiet: bool = False):
-        self.dist = Dist(cfg.device)
-        if self.dist.device != cfg.device:
-            cfg = dataclasses.replace(cfg, device=self.dist.device)
-        self.cfg, self.out, self.quiet = cfg, Path(out), quiet or not self.dist.main
+    @classmethod
+    def build(cls, cfg: TrainConfig, init=None, ref=None) -> Stage:
+        d = Dist(cfg.device)
+        cfg = dataclasses.replace(cfg, device=d.device)
         if cfg.stage == "pretrain":
-            self.model = build_model(cfg.model_config(), device=cfg.device)
+            model = build_model(cfg.model_config(), device=cfg.device)
+        elif init is None:
+            raise ValueError(f"the {cfg.stage} stage starts from a model: pass --init CHECKPOINT")
         else:
-            if init is None:
-                raise ValueError(f"the {cfg.stage} stage starts from a model: pass --init CHECKPOINT")
-            self.model = load(init, device=cfg.device)
+            model = load(init, device=cfg.device)
             if cfg.stage == "sft" and cfg.add_layers:
-                self.model = grow(self.model, cfg.add_layers, seed=cfg.seed)
-        self.task = config_of(self.model).task
-        self.ref = load(ref or init, device=cfg.device) if cfg.stage == "rl" else None
-        if self.ref is not None:
-            if config_of(self.ref).task != self.task:
-                raise ValueError(f"the KL reference {ref or init} was trained on another task "
-                                 f"({config_of(self.ref).task}) than the model ({self.task}); pass a --ref "
-                                 "of the same task")
-            self.ref.requires_grad_(False)
+                model = grow(model, cfg.add_layers, seed=cfg.seed)
+        task = config_of(model).task
+        ref_forward = None
         if cfg.stage == "rl":
-            self.dist.shard(cfg.questions_per_step, "--questions-per-step")
+            ref_model = load(ref or init, device=cfg.device).requires_grad_(False)
+            if config_of(ref_model).task != task:
+                raise ValueError(f"the KL reference {ref or init} was trained on another task "
+                                 f"({config_of(ref_model).task}) than the model ({task}); pass a --ref "
+                                 "of the same task")
+            ref_forward = fast_forward(ref_model, "reference")
+            d.shard(cfg.questions_per_step, "--questions-per-step")
         else:
-            self.dist.shard(cfg.batch_size, "--batch-size")
-        self.forward = fast_forward(self.model, "training")  # own weights where exact, else hooked
-        self.ref_forward = fast_forward(self.ref, "reference") if self.ref is not None else None
-        self.net = DDP(self.forward) if self.dist.world > 1 else self.forward
-        self.updates_per_step = cfg.ppo_epochs if cfg.stage == "rl" else 1
-        total = cfg.steps * self.updates_per_step
-        self.opt = adamw(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, total))
-        self.step = 0
-        self.eval_q = sample_questions(self.task, "test", cfg.eval_questions, seed=10_007)
-        self.sft_data = None
-        self.init, self.ref_path = init, ref
-
-    # -- state
-    @property
-    def ckpt(self) -> Path:
-        return self.out / "checkpoint"
-
-    def save(self) -> None:
-        if not self.dist.main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.out))
-        try:
-            write_checkpoint_files(self.model, tmp, extra={"train": dataclasses.asdict(self.cfg),
-                                                           "step": self.step})
-            save_file(_optimizer_tensors(self.opt), str(tmp / "optimizer.safetensors"))
-            save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            (tmp / "train_state.json").write_text(json.dumps(
-                {"step": self.step, "scheduler_last_epoch": self.sched.last_epoch}))
-            replace_dir(tmp, self.ckpt)
-        except FloatingPointError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            kept = f"the last checkpoint in {self.ckpt} is kept" if self.ckpt.exists() else "no checkpoint was written"
-            raise FloatingPointError(f"at step {self.step} {e}: {kept}; lower --lr or --grad-clip and "
-                                     "resume from it") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    def resume(self) -> None:
-        """Continue from ``checkpoint/`` (which :func:`check_stage_folder` found there)."""
-        saved = read_config(self.ckpt).get("train", {})
-        if saved.get("stage") != self.cfg.stage:
-            raise CheckpointError(f"{self.ckpt} is a {saved.get('stage')!r} checkpoint, not "
-                                  f"{self.cfg.stage!r}; resume with the stage that wrote it")
-        now = dataclasses.asdict(self.cfg)
-        changed = [k for k in now if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
-        if changed:
-            k = changed[0]
-            raise CheckpointError(f"--{k.replace('_', '-')} is {now[k]!r} but {self.ckpt} was trained with "
-                                  f"{saved[k]!r}; resume with the settings that wrote it (only "
-                                  f"{', '.join('--' + c.replace('_', '-') for c in RESUME_MAY_CHANGE)} may change)")
-        model = load(self.ckpt, device=self.cfg.device)
-        self.model.load_state_dict(model.state_dict())
-        try:
-            _load_optimizer_tensors(self.opt, load_file(str(self.ckpt / "optimizer.safetensors")))
-            rng = load_file(str(self.ckpt / "rng.safetensors"))["torch_rng"]
-            state = checks.read_json(self.ckpt / "train_state.json", "training state")
-            step, last_epoch = int(state["step"]), int(state["scheduler_last_epoch"])
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{self.ckpt} has a damaged optimizer, random or training state "
-                                  f"({_first_line(e)}); start again without --resume in a new --out") from None
-        self.step = step
-        self.sched.last_epoch = last_epoch
-        for group, base_lr, f in zip(self.opt.param_groups, self.sched.base_lrs, self.sched.lr_lambdas):
-            group["lr"] = base_lr * f(self.sched.last_epoch)
-        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
-        torch.set_rng_state(rng)
-        if self.dist.main:
-            self._trim_log()
-
-    def _trim_log(self) -> None:
-        """Keep the log rows up to the checkpoint's step; a torn (half-written) row is dropped."""
-        log = self.out / "log.jsonl"
-        if not log.is_file():
-            return
-        rows = []
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
-                rows.append(line)
-        tmp = log.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        tmp.replace(log)
-
-    # -- one step
-    def _batch_tokens(self) -> torch.Tensor:
-        cfg = self.cfg
-        if cfg.stage == "pretrain":
-            batch = solution_batch(self.task, cfg.batch_size, _step_seed(cfg.seed, self.step))
-        else:
-            n = len(self.sft_data)
-            steps_per_epoch = max(1, n // cfg.batch_size)
-            epoch, i = divmod(self.step, steps_per_epoch)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(cfg.seed, epoch, 1)))
-            batch = self.sft_data[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-        return batch[self.dist.shard(len(batch), "the batch")]
-
-    def _sft_terms(self, tokens):
-        tokens = tokens[:, : int((tokens != PAD).sum(1).max())]  # drop all-PAD columns
-        logp, ent = token_logprobs(self.net, tokens.to(self.cfg.device))
-        roles = token_roles(tokens, self.task).to(self.cfg.device)
-        weighting = "token_mean" if self.cfg.stage == "pretrain" else self.cfg.weighting
-        skip = None
-        if self.cfg.stage == "sft" and self.cfg.rejected_samples == "skip":
-            skip = rejected_candidate_tokens(tokens.to(roles.device), self.task, roles)
-        terms = sft_terms(logp, roles, weighting, self.cfg.decision_share, total=self.dist.sum, skip=skip)
-        return terms, {"entropy": _mean_counted(ent, roles, self.dist.sum)}
-
-    def _rl_batch(self):
-        cfg = self.cfg
-        q = sample_questions(self.task, "train", cfg.questions_per_step, _step_seed(cfg.seed, self.step))
-        q = q.repeat_interleave(cfg.group)
-        self.model.eval()
-        r = rollout(self.model, q, task=self.task, temperature=cfg.temperature,
-                    seed=_step_seed(cfg.seed, self.step, 2), rows=self.dist.shard(len(q), "the rollout batch"))
-        tokens, roles = r.tokens.to(cfg.device), r.roles.to(cfg.device)
-        with torch.no_grad():
-            old_logp, _ = token_logprobs(self.forward, tokens)
-            ref_logp, _ = token_logprobs(self.ref_forward, tokens)
-        retries = r.n_attempts - (r.n_calls - 1 if self.task.steps else 0)  # 1 when nothing was rejected
-        reward = discounted_reward(r.reward, retries, cfg.discount).to(cfg.device)
-        adv = advantages(reward, cfg.group, cfg.advantage)
-        if self.task.steps:  # every attempt of an episode shares its outcome's advantage
-            adv = adv[r.episode.to(cfg.device)]
-            if cfg.rl_rejected_samples == "mask":
-                roles = roles.masked_fill(rejected_candidate_tokens(tokens, self.task, roles), PADDING)
-        n = len(q)
-        return tokens, roles, old_logp, ref_logp, adv, {
-            "reward": self.dist.sum(r.reward.sum()).item() / n,
-            "attempts": self.dist.sum(r.n_attempts.float().sum()).item() / n}
-
-    def _rl_terms(self, batch):
-        tokens, roles, old_logp, ref_logp, adv, info = batch
-        cfg = self.cfg
-        logp, ent = token_logprobs(self.net, tokens)
-        pg = policy_gradient_terms(logp, old_logp, roles, adv, clip=cfg.clip_eps, total=self.dist.sum)
-        kl = kl_terms(logp, ref_logp, roles, beta=1.0, estimator=cfg.kl_estimator, total=self.dist.sum)
-        total = pg + dataclasses.replace(kl, values=kl.values * cfg.beta)
-        info = {**info, "pg_loss": self.dist.sum(pg.loss).item(), "kl": self.dist.sum(kl.loss).item(),
-                "entropy": _mean_counted(ent, roles, self.dist.sum)}
-        return total, info
-
-    def _update(self, terms, log: bool) -> dict:
-        self.model.train()
-        info = {}
-        params = list(self.model.parameters())
-        if log:  # gradient norm reaching each role, from the exact role split of the loss
-            for name, role in (("sample", SAMPLE), ("decision", DECISION)):
-                grads = torch.autograd.grad(terms.role_loss(role), params, retain_graph=True, allow_unused=True)
-                flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
-                info[f"grad_norm_{name}"] = float(self.dist.sum(flat).norm())
-        loss = terms.loss
-        global_loss = self.dist.sum(loss.detach())
-        if not torch.isfinite(global_loss):
-            raise FloatingPointError(f"loss is {global_loss.item()} at step {self.step}; lower --lr or "
-                                     "--grad-clip and resume from the last checkpoint")
-        self.opt.zero_grad(set_to_none=True)
-        (loss * self.dist.world).backward()  # DDP averages gradients over ranks; the loss parts add up
-        info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip))
-        self.opt.step()
-        self.sched.step()
-        self.model.eval()
-        return {"loss": global_loss.item(), "loss_sample": self.dist.sum(terms.role_loss(SAMPLE).detach()).item(),
-                "loss_decision": self.dist.sum(terms.role_loss(DECISION).detach()).item(), **info}
-
-    def autocast(self):
-        """bfloat16 autocast on the configured device when ``autocast == 'bf16'`` (else a no-op)."""
-        return autocast(self.cfg.device, self.cfg.autocast)
-
-    def train_step(self) -> dict:
-        with self.autocast():
-            return self._train_step()
-
-    def _train_step(self) -> dict:
-        log = (self.step + 1) % self.cfg.log_every == 0
-        if self.cfg.stage == "rl":
-            batch = self._rl_batch()
-            for epoch in range(self.cfg.ppo_epochs):
-                terms, extra = self._rl_terms(batch)
-                info = self._update(terms, log and epoch == 0)
-        else:
-            terms, extra = self._sft_terms(self._batch_tokens())
-            info = self._update(terms, log)
-        return {**info, **extra, "lr": self.sched.get_last_lr()[0]}
-
-    def evaluate(self) -> pd.DataFrame:  # noqa: F821
-        return ds_metrics(rollout(self.model, self.eval_q, task=self.task,
-                                  temperature=self.cfg.eval_temperature, seed=99))
-
-    # -- the loop
-    def run(self, resume: bool = False, stop_after: int | None = None) -> Path:
-        """Train to ``cfg.steps`` (or stop after ``stop_after`` steps, as an interrupt would)."""
-        cfg = self.cfg
-        check_stage_folder(self.out, resume)
-        if resume:
-            self.resume()
-        main = self.dist.main
-        self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.stage == "sft":
-            self.sft_data = self._load_or_build_sft_data()
-        if main:
-            (self.out / "run.json").write_text(json.dumps(
-                {"config": dataclasses.asdict(cfg), "init": str(self.init), "ref": str(self.ref_path),
-                 "forward": "own weights" if self.forward is not self.model else f"hooked ({refusal(self.model)})",
-                 "world_size": self.dist.world, "versions": run_versions()}, indent=2))
-        start_time = time.time()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.stage, disable=self.quiet)
-        log = open(self.out / "log.jsonl", "a") if main else None
-        try:
-            with _StopRequested() as stop:
-                while self.step < cfg.steps:
-                    info = self.train_step()
-                    self.step += 1
-                    bar.update(1)
-                    row = {"step": self.step, **info} if self.step % cfg.log_every == 0 else None
-                    if main and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                        m = self.evaluate().query("cell == 'all'").set_index("metric")["value"]
-                        row = {"step": self.step, **info, **{f"eval_{k}": float(v) for k, v in m.items()}}
-                    if row is not None and main:
-                        row["elapsed_s"] = time.time() - start_time
-                        log.write(json.dumps(row) + "\n")
-                        log.flush()
-                        bar.set_postfix({k: round(v, 3) for k, v in row.items()
-                                         if k in ("loss", "reward", "eval_realized_accuracy")})
-                    flag = stop.flag or (stop_after is not None and self.step >= stop_after)
-                    interrupted = bool(self.dist.sum(torch.tensor(float(flag))) > 0)  # every rank stops together
-                    if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or interrupted:
-                        self.save()
-                    if interrupted and self.step < cfg.steps:
-                        raise Interrupted(f"stopped at step {self.step}; checkpoint saved in {self.ckpt}, "
-                                          "continue with --resume")
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
-        if main:
-            self.evaluate().to_csv(self.out / "metrics.csv", index=False)
-        if self.dist.world > 1:
-            dist.barrier()  # the next stage reads what rank 0 wrote
-        return self.ckpt
-
-    def _load_or_build_sft_data(self) -> torch.Tensor:
-        path = self.out / "sft_data.safetensors"
-        if path.is_file():
-            try:
-                return load_file(str(path))["tokens"]
-            except (SafetensorError, OSError, KeyError) as e:
-                raise CheckpointError(f"{path} is damaged ({_first_line(e)}); delete it and it is rebuilt") from None
-        cfg = self.cfg
-        data = reflective_sft_data(self.model, self.task, cfg.sft_questions, seed=cfg.seed,
-                                   first_right_fraction=cfg.first_right_fraction, mix=cfg.sft_mix,
-                                   temperature=cfg.sft_temperature)
-        if cfg.verify_questions:
-            pairs = verification_data(self.model, self.task, cfg.verify_questions, seed=cfg.seed,
-                                      temperature=cfg.sft_temperature)
-            data = torch.cat([data, pairs])[torch.randperm(len(data) + len(pairs),
-                                                           generator=torch.Generator().manual_seed(cfg.seed))]
-        if not self.dist.main:  # every rank builds the same data; one writes it
-            return data
-        tmp = path.with_suffix(".tmp")
-        save_file({"tokens": data}, str(tmp))
-        apply_umask(tmp)
-        tmp.rename(path)
-        return data
+            d.shard(cfg.batch_size, "--batch-size")
+        forward = fast_forward(model, "training")
+        opt = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        updates = cfg.steps * (cfg.ppo_epochs if cfg.stage == "rl" else 1)
+        return cls(cfg, task, model, forward, DDP(forward) if d.world > 1 else forward, ref_forward, opt,
+                   torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg, updates)), d)
 
 
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+# ---------------------------------------------------------------- one update
+
+def update(s: Stage, terms: Terms, log: bool) -> dict:
+    """One optimizer step on ``terms.loss`` (with the gradient norm reaching each role when ``log``)."""
+    s.model.train()
+    info = {}
+    if log:  # from the exact role split of the loss
+        params = list(s.model.parameters())
+        for name, role in (("sample", SAMPLE), ("decision", DECISION)):
+            grads = torch.autograd.grad(terms.role_loss(role), params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for p, g in zip(params, grads)])
+            info[f"grad_norm_{name}"] = float(s.dist.sum(flat).norm())
+    global_loss = s.dist.sum(terms.loss.detach())
+    if not torch.isfinite(global_loss):
+        raise FloatingPointError(f"loss is {global_loss.item()} at step {s.step}; lower --lr or "
+                                 "--grad-clip and resume from the last checkpoint")
+    s.opt.zero_grad(set_to_none=True)
+    (terms.loss * s.dist.world).backward()  # DDP averages gradients over ranks; the loss parts add up
+    info["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.grad_clip))
+    s.opt.step()
+    s.sched.step()
+    s.model.eval()
+    return {"loss": global_loss.item(), "loss_sample": s.dist.sum(terms.role_loss(SAMPLE).detach()).item(),
+            "loss_decision": s.dist.sum(terms.role_loss(DECISION).detach()).item(),
+            "lr": s.sched.get_last_lr()[0], **info}
 
 
-def _mean_counted(x: torch.Tensor, roles: torch.Tensor, total=lambda t: t) -> float:
+def counted_mean(x: torch.Tensor, roles: torch.Tensor, total=lambda t: t) -> float:
     """Mean of ``x`` over sample and decision tokens (of all ranks, with ``total = Dist.sum``)."""
     mask = (roles == SAMPLE) | (roles == DECISION)
     return float(total((x.detach() * mask).sum()) / total(mask.sum()).clamp(min=1))
 
 
+# ---------------------------------------------------------------- pretrain and SFT
+
+def supervised_batch(s: Stage) -> torch.Tensor:
+    """This rank's rows of the step's batch: fresh correct solutions (pretrain) or the next slice of
+    the SFT data, reshuffled every epoch."""
+    cfg = s.cfg
+    if cfg.stage == "pretrain":
+        batch = solution_batch(s.task, cfg.batch_size, step_seed(cfg.seed, s.step))
+    else:
+        n = len(s.sft_data)
+        epoch, i = divmod(s.step, max(1, n // cfg.batch_size))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(cfg.seed, epoch, 1)))
+        batch = s.sft_data[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+    return batch[s.dist.shard(len(batch), "the batch")]
+
+
+def supervised_step(s: Stage, log: bool) -> dict:
+    """Pretraining and SFT: cross-entropy on sample and decision tokens, weighted by role."""
+    tokens = supervised_batch(s)
+    tokens = tokens[:, : int((tokens != PAD).sum(1).max())].to(s.cfg.device)  # drop all-PAD columns
+    logp, entropy = token_logprobs(s.net, tokens)
+    roles = token_roles(tokens, s.task).to(s.cfg.device)
+    sft = s.cfg.stage == "sft"
+    skip = rejected_candidate_tokens(tokens, s.task, roles) if sft and s.cfg.rejected_samples == "skip" else None
+    terms = sft_terms(logp, roles, s.cfg.weighting if sft else "token_mean", s.cfg.decision_share,
+                      total=s.dist.sum, skip=skip)
+    return {**update(s, terms, log), "entropy": counted_mean(entropy, roles, s.dist.sum)}
+
+
+def build_sft_data(s: Stage) -> torch.Tensor:
+    """Reflective SFT rows from the initial model's own candidates (+ paired verification rows)."""
+    cfg = s.cfg
+    data = reflective_sft_data(s.model, s.task, cfg.sft_questions, seed=cfg.seed,
+                               first_right_fraction=cfg.first_right_fraction, mix=cfg.sft_mix,
+                               temperature=cfg.sft_temperature)
+    if cfg.verify_questions:
+        pairs = verification_data(s.model, s.task, cfg.verify_questions, seed=cfg.seed,
+                                  temperature=cfg.sft_temperature)
+        data = torch.cat([data, pairs])[torch.randperm(len(data) + len(pairs),
+                                                       generator=torch.Generator().manual_seed(cfg.seed))]
+    return data
+
+
+# ---------------------------------------------------------------- RL
+
+@dataclass
+class RLBatch:
+    tokens: torch.Tensor
+    roles: torch.Tensor       # rejected steps' tokens set to PADDING under rl_rejected_samples="mask"
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    advantage: torch.Tensor   # one per row (steps: each attempt carries its episode's advantage)
+    info: dict
+
+
+def rl_batch(s: Stage) -> RLBatch:
+    """Rollouts of ``group`` episodes per question, their rewards and group-relative advantages."""
+    cfg = s.cfg
+    q = sample_questions(s.task, "train", cfg.questions_per_step, step_seed(cfg.seed, s.step))
+    q = q.repeat_interleave(cfg.group)
+    s.model.eval()
+    r = rollout(s.model, q, task=s.task, temperature=cfg.temperature, seed=step_seed(cfg.seed, s.step, 2),
+                rows=s.dist.shard(len(q), "the rollout batch"))
+    tokens, roles = r.tokens.to(cfg.device), r.roles.to(cfg.device)
+    with torch.no_grad():
+        old_logp, _ = token_logprobs(s.forward, tokens)
+        ref_logp, _ = token_logprobs(s.ref_forward, tokens)
+    retries = r.n_attempts - (r.n_calls - 1 if s.task.steps else 0)  # 1 when nothing was rejected
+    adv = advantages(discounted_reward(r.reward, retries, cfg.discount).to(cfg.device), cfg.group, cfg.advantage)
+    if s.task.steps:
+        adv = adv[r.episode.to(cfg.device)]
+        if cfg.rl_rejected_samples == "mask":
+            roles = roles.masked_fill(rejected_candidate_tokens(tokens, s.task, roles), PADDING)
+    n = len(q)
+    return RLBatch(tokens, roles, old_logp, ref_logp, adv, {
+        "reward": s.dist.sum(r.reward.sum()).item() / n, "attempts": s.dist.sum(r.n_attempts.float().sum()).item() / n})
+
+
+def rl_loss(s: Stage, b: RLBatch) -> tuple[Terms, dict]:
+    """Clipped policy-gradient terms plus ``beta`` times the KL terms to the reference."""
+    logp, entropy = token_logprobs(s.net, b.tokens)
+    pg = policy_gradient_terms(logp, b.old_logp, b.roles, b.advantage, clip=s.cfg.clip_eps, total=s.dist.sum)
+    kl = kl_terms(logp, b.ref_logp, b.roles, beta=1.0, estimator=s.cfg.kl_estimator, total=s.dist.sum)
+    terms = pg + dataclasses.replace(kl, values=kl.values * s.cfg.beta)
+    return terms, {"pg_loss": s.dist.sum(pg.loss).item(), "kl": s.dist.sum(kl.loss).item(),
+                   "entropy": counted_mean(entropy, b.roles, s.dist.sum)}
+
+
+def rl_step(s: Stage, log: bool) -> dict:
+    """RL: roll out, score, then ``ppo_epochs`` updates on the same episodes."""
+    batch = rl_batch(s)
+    for epoch in range(s.cfg.ppo_epochs):
+        terms, info = rl_loss(s, batch)
+        result = update(s, terms, log and epoch == 0)
+    return {**result, **batch.info, **info}
+
+
+STEP = {"pretrain": supervised_step, "sft": supervised_step, "rl": rl_step}
+
+
+# ---------------------------------------------------------------- the loop
+
+def evaluate(s: Stage, questions) -> pd.DataFrame:
+    return ds_metrics(rollout(s.model, questions, task=s.task, temperature=s.cfg.eval_temperature, seed=99))
+
+
+def save_checkpoint(s: Stage, out: Path) -> None:
+    if s.dist.is_first:
+        save_training_checkpoint(Path(out) / "checkpoint", s.model, s.opt, s.sched, s.step, s.cfg)
+
+
+def run_stage(s: Stage, out, resume: bool = False, quiet: bool = False, stop_after: int | None = None,
+              init=None, ref=None) -> Path:
+    """Train ``s`` to ``cfg.steps`` in ``out`` (or stop after ``stop_after`` steps, as an interrupt would)."""
+    cfg, out, first = s.cfg, Path(out), s.dist.is_first
+    check_stage_folder(out, resume)
+    if resume:
+        check_resumable(out / "checkpoint", cfg)
+        s.step = restore_training_checkpoint(out / "checkpoint", s.model, s.opt, s.sched)
+        if first:
+            trim_log(out / "log.jsonl", s.step)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.stage == "sft":
+        s.sft_data = cached_tokens(out / "sft_data.safetensors", lambda: build_sft_data(s), write=first)
+    if first:
+        (out / "run.json").write_text(json.dumps(
+            {"config": dataclasses.asdict(cfg), "init": str(init), "ref": str(ref),
+             "forward": "own weights" if s.forward is not s.model else f"hooked ({refusal(s.model)})",
+             "world_size": s.dist.world, "versions": run_versions()}, indent=2))
+    eval_q = sample_questions(s.task, "test", cfg.eval_questions, seed=10_007)
+    step_fn, start = STEP[cfg.stage], time.time()
+    bar = tqdm(total=cfg.steps, initial=s.step, desc=cfg.stage, disable=quiet or not first)
+    log = open(out / "log.jsonl", "a") if first else None
+    try:
+        with StopRequested() as stop:
+            while s.step < cfg.steps:
+                with autocast(cfg.device, cfg.autocast):
+                    info = step_fn(s, log=(s.step + 1) % cfg.log_every == 0)
+                s.step += 1
+                bar.update(1)
+                row = {"step": s.step, **info}
+                evaluated = first and (s.step % cfg.eval_every == 0 or s.step == cfg.steps)
+                if evaluated:
+                    m = evaluate(s, eval_q).query("cell == 'all'").set_index("metric")["value"]
+                    row.update({f"eval_{k}": float(v) for k, v in m.items()})
+                if first and (evaluated or s.step % cfg.log_every == 0):
+                    log.write(json.dumps({**row, "elapsed_s": time.time() - start}) + "\n")
+                    log.flush()
+                    bar.set_postfix({k: round(v, 3) for k, v in row.items()
+                                     if k in ("loss", "reward", "eval_realized_accuracy")})
+                interrupted = s.dist.any(stop.flag or (stop_after is not None and s.step >= stop_after))
+                if s.step % cfg.ckpt_every == 0 or s.step == cfg.steps or interrupted:
+                    save_checkpoint(s, out)
+                if interrupted and s.step < cfg.steps:
+                    raise Interrupted(f"stopped at step {s.step}; checkpoint saved in {out / 'checkpoint'}, "
+                                      "continue with --resume")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if first:
+        evaluate(s, eval_q).to_csv(out / "metrics.csv", index=False)
+    s.dist.barrier()  # the next stage reads what rank 0 wrote
+    return out / "checkpoint"
+
+
 def train_stage(cfg: TrainConfig, out, init=None, ref=None, resume=False, quiet=False,
                 stop_after=None) -> Path:
     """Run one stage; returns its checkpoint folder."""
-    return Trainer(cfg, out, init=init, ref=ref, quiet=quiet).run(resume=resume, stop_after=stop_after)
+    return run_stage(Stage.build(cfg, init, ref), out, resume, quiet, stop_after, init=init, ref=ref)
 
 
-def pipeline(preset: str, out, quiet: bool = False, resume: bool = False, **overrides
-             ) -> dict[str, Path]:
+def pipeline(preset: str, out, quiet: bool = False, resume: bool = False, **overrides) -> dict[str, Path]:
     """pretrain -> reflective SFT -> RL, in ``out/base``, ``out/sft``, ``out/rl``."""
     out = Path(out)
     paths = {}
     configs = {stage: preset_config(preset, stage, **overrides) for stage in STAGES}  # all checked first
     for stage, name, init, ref in (("pretrain", "base", None, None), ("sft", "sft", "base", None),
                                    ("rl", "rl", "sft", "sft")):
-        cfg = configs[stage]
         folder = out / name
-        done = (folder / "metrics.csv").is_file()
-        if not done:
+        if not (folder / "metrics.csv").is_file():
             t0 = time.time()
-            train_stage(cfg, folder, init=paths.get(init), ref=paths.get(ref),
+            train_stage(configs[stage], folder, init=paths.get(init), ref=paths.get(ref),
                         resume=resume and (folder / "checkpoint").exists(), quiet=quiet)
             if int(os.environ.get("RANK", "0")) == 0:
                 (folder / "wall_time_s.txt").write_text(f"{time.time() - t0:.1f}\n")
@@ -690,76 +357,9 @@ def pipeline(preset: str, out, quiet: bool = False, resume: bool = False, **over
     return paths
 
 
-# ---------------------------------------------------------------- CLI
+if __name__ == "__main__":  # python -m tsds_interp.train
+    import sys
 
-def _parser() -> argparse.ArgumentParser:
-    p = cli.Parser("python -m tsds_interp.train", __doc__.split("\n\n")[0])
-    p.add_argument("stage", choices=(*STAGES, "pipeline"))
-    p.add_argument("--preset", default="small", choices=list(PRESETS))
-    p.add_argument("--out", required=True, type=cli.out_dir, help="stage folder (pipeline: parent of base/sft/rl)")
-    p.add_argument("--init", help="checkpoint to start sft/rl from (folder or shipped name)")
-    p.add_argument("--ref", help="reference model for the RL KL penalty (default: --init)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "stage":
-            continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default) if f.default is not None
-                       else str, default=None, help=f"(preset value; dataclass default {f.default})")
-    return p
+    from tsds_interp.cli.train import main
 
-
-def check_stage_folder(out: Path, resume: bool) -> None:
-    """A new stage needs a folder without a checkpoint; ``--resume`` needs one."""
-    ckpt = Path(out) / "checkpoint"
-    recover_dir(ckpt)
-    if resume and not (ckpt / "train_state.json").is_file():
-        raise CheckpointError(f"nothing to resume in {out}: no checkpoint/train_state.json "
-                              "(run without --resume to start)")
-    if not resume and ckpt.exists():
-        raise CheckpointError(f"{out} already holds a checkpoint; pass --resume to continue it or "
-                              "choose another --out")
-
-
-def _train(args) -> int:
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if f.name != "stage" and getattr(args, f.name) is not None}
-    if args.stage == "pipeline":
-        for stage in STAGES:
-            preset_config(args.preset, stage, **overrides)
-    else:
-        cfg = preset_config(args.preset, args.stage, **overrides)
-        if cfg.stage != "pretrain" and args.init is None:
-            raise ValueError(f"the {cfg.stage} stage starts from a model: pass --init CHECKPOINT")
-        for flag, name in (("--init", args.init), ("--ref", args.ref)):
-            if name is not None:
-                try:
-                    checkpoint_config(name)
-                except CheckpointError as e:
-                    raise CheckpointError(f"{flag}: {e}") from None
-        check_stage_folder(args.out, args.resume)
-    try:
-        if args.stage == "pipeline":
-            paths = pipeline(args.preset, args.out, quiet=args.quiet, resume=args.resume, **overrides)
-            text = "\n".join(f"{k}: {v}" for k, v in paths.items())
-        else:
-            ckpt = train_stage(cfg, args.out, init=args.init, ref=args.ref, resume=args.resume, quiet=args.quiet)
-            text = f"checkpoint: {ckpt}"
-    except Interrupted as e:
-        cli.say(str(e))
-        return cli.EXIT_INTERRUPTED
-    if cli.is_main_process():
-        print(text)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        return cli.main(_parser(), _train, argv)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -1,82 +1,8 @@
-"""``python -m tsds_interp.verify``: does a model's decision check the candidate?
+"""``python -m tsds_interp.verify``: see :mod:`tsds_interp.cli.verify`."""
 
-Teacher-forces the true product and the model's own wrong samples for the same held-out
-questions and compares the decision (within-question paired AUC, logit gap, between-question
-AUC, the accept gap split into difficulty and within-question parts, decision rates by attempt,
-greedy / sampled accuracy and slip share). Writes ``verification.csv`` (tidy, 95% intervals),
-``verification.png`` and ``run.json`` into ``--out`` and prints the table.
-"""
-
-from __future__ import annotations
-
-import json
 import sys
-import time
 
-import pandas as pd
-
-from tsds_interp import cli
-from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, verification_metrics
-from tsds_interp.model import checkpoint_config, load, resolve_checkpoint, run_versions
-from tsds_interp.patching import parse_cells
-from tsds_interp.plotting import verification_plot
-
-SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "within_auc@2",
-           "between_auc", "own_logprob_auc",
-           "corruption_auc", "logit_gap@1", "accept_gap", "accept_gap_difficulty", "accept_gap_within",
-           "p_d_given_c@1", "p_d_given_w@1")
-STEP_SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "logit_gap@1", "e_plus@1",
-                "e_minus@1", "own_logprob_auc", "corruption_auc", "episode_accuracy",
-                "episode_accuracy_no_reflection", "reflection_gain")
-
-
-def _parser() -> cli.Parser:
-    p = cli.Parser("python -m tsds_interp.verify", __doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default="rl", help="checkpoint folder or shipped name")
-    p.add_argument("--questions", type=cli.integer(1, MAX_QUESTIONS), default=2400,
-                   help="held-out questions, spread over the cells")
-    p.add_argument("--samples", type=cli.integer(1, MAX_SAMPLES), default=8, help="sampled first attempts per question")
-    p.add_argument("--temperature", type=cli.real(0, 100, lo_open=True), default=1.0,
-                   help="sampling temperature of candidates")
-    p.add_argument("--cells", default=None, help="comma-separated cells, e.g. 2x3,3x2 (default: all in-distribution)")
-    p.add_argument("--bootstrap", type=cli.integer(10, MAX_BOOT), default=1000,
-                   help="bootstrap resamples for the intervals")
-    p.add_argument("--out", type=cli.out_dir, default="runs/verify", help="output folder")
-    p.add_argument("--device", type=cli.device, default="cpu")
-    p.add_argument("--seed", type=cli.SEED, default=0)
-    return p
-
-
-def _verify(args) -> int:
-    task = checkpoint_config(args.checkpoint).task
-    cells = tuple(c.strip() for c in args.cells.split(",")) if args.cells else None
-    if cells:
-        parse_cells(args.cells, task)
-    path = resolve_checkpoint(args.checkpoint)
-    model = load(path, device=args.device)
-    t0 = time.time()
-    df = verification_metrics(model, args.questions, args.samples, args.temperature, args.seed,
-                              args.bootstrap, cells)
-    elapsed = time.time() - t0
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "verification.csv", index=False)
-    verification_plot(df, out / "verification.png", f"Does the decision verify? ({path.name})")
-    summary = STEP_SUMMARY if task.steps else SUMMARY
-    table = df[df.metric.isin(summary)].pivot(index="metric", columns="cell", values="value").reindex(summary)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(f"verification of {path} on {args.questions} held-out questions x {args.samples} samples, "
-              f"{elapsed:.1f}s")
-        print(table.to_string(float_format=lambda x: f"{x:.3f}"))
-    (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
-                                              "elapsed_s": elapsed, "versions": run_versions()}, indent=2))
-    print(f"\nwrote {out}/verification.csv, verification.png, run.json")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _verify, argv)
-
+from tsds_interp.cli.verify import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,63 @@
+"""This process's place in a ``torchrun`` job: the rank, sums over ranks, and batch shards.
+
+A global batch is split into contiguous per-rank shards; every loss is normalised by global token
+counts (:meth:`Dist.sum`), so the per-rank losses add up to the single-process loss and the summed
+gradients equal its gradient. Backend gloo on CPU, nccl on CUDA. Without ``torchrun`` the process
+is rank 0 of 1 and every method is the identity.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class Dist:
+    """Rank, world size and device of this process (one process: rank 0 of 1)."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        if self.world > 1:
+            if device.startswith("cuda"):
+                self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+
+    @property
+    def is_first(self) -> bool:
+        """Rank 0: the process that writes files and logs."""
+        return self.rank == 0
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (differentiable only through this rank's term, as gradients are)."""
+        if self.world == 1:
+            return x
+        y = x.detach().clone()
+        dist.all_reduce(y)
+        return x + (y - x.detach())
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on one (so that all ranks stop together)."""
+        return bool(self.sum(torch.tensor(float(flag))) > 0)
+
+    def shard(self, n: int, what: str) -> slice:
+        """This rank's contiguous share of ``n`` rows (``n`` must divide evenly)."""
+        if n % self.world:
+            raise ValueError(f"{what} ({n}) must be divisible by the number of processes ({self.world})")
+        k = n // self.world
+        return slice(self.rank * k, (self.rank + 1) * k)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def close() -> None:
+    """End the process group if one was started."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import fmt, over_seeds  # noqa: E402
 
 from tsds_interp import cli  # noqa: E402
-from tsds_interp.attribution import attribute_all, default_batches, head_decision_share, summarize  # noqa: E402
+from tsds_interp.gradient_split import attribute_all, default_batches, head_decision_share, summarize  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.plotting import gradient_mass_bars, head_share_heatmap  # noqa: E402
 

@@ -70,7 +70,8 @@ def evaluate(label: str, where: str, n_questions: int, seed: int = 0) -> list[di
 
 
 def summary(df: pd.DataFrame, command: str) -> str:
-    cell = lambda r: f"{r.value:.3f}" if np.isnan(r.lo) else fmt(r.value, r.lo, r.hi)
+    def cell(r):
+        return f"{r.value:.3f}" if np.isnan(r.lo) else fmt(r.value, r.lo, r.hi)
     values = df.assign(v=[cell(r) for r in df.itertuples()]).pivot(index="recipe", columns="metric", values="v")
     info = df.groupby("recipe", sort=False)[["steps", "wall_s"]].first()
     table = info.join(values.reindex(columns=list(SHOWN))).reset_index()

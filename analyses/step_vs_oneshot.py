@@ -47,10 +47,13 @@ def _accuracy(model, cells, n: int, temperature: float, budget: int | None) -> t
 def _decision(model, cells, n: int) -> dict[str, tuple[float, float, float, int]]:
     df = verification_metrics(model, n, samples=8, cells=tuple(TaskConfig.cell_name(c) for c in cells), n_boot=500)
     m = df[df.cell == "all"].set_index("metric")
-    get = lambda k: tuple(m.loc[k, ["value", "lo", "hi", "n"]])
+
+    def get(k):
+        return tuple(m.loc[k, ["value", "lo", "hi", "n"]])
     if model.tsds_config.task.steps:
         return {"within_auc": get("within_auc@1"), "e_plus": get("e_plus@1"), "e_minus": get("e_minus@1")}
-    flip = lambda k: (1 - m.loc[k, "value"], 1 - m.loc[k, "hi"], 1 - m.loc[k, "lo"], m.loc[k, "n"])
+    def flip(k):
+        return (1 - m.loc[k, "value"], 1 - m.loc[k, "hi"], 1 - m.loc[k, "lo"], m.loc[k, "n"])
     return {"within_auc": get("within_auc@1"), "e_plus": flip("p_d_given_w@1"), "e_minus": flip("p_d_given_c@1")}
 
 

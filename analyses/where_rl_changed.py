@@ -38,8 +38,8 @@ from _common import checkpoint_groups, fmt, over_seeds  # noqa: E402
 
 from tsds_interp import cli
 from tsds_interp.ablation import rollout_with_hooks, transplant_hooks  # noqa: E402
-from tsds_interp.attribution import parameter_groups  # noqa: E402
-from tsds_interp.circuits import by_label  # noqa: E402
+from tsds_interp.components import by_label  # noqa: E402
+from tsds_interp.gradient_split import parameter_groups  # noqa: E402
 from tsds_interp.metrics import decision_scores, ds_metrics, score_candidates  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
 from tsds_interp.pairs import own_samples  # noqa: E402

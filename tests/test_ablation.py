@@ -2,6 +2,7 @@ import torch
 
 from tsds_interp.ablation import ablation_hook, ablation_sweep, rollout_with_hooks
 from tsds_interp.cli.ablation import main
+from tsds_interp.components import Component, components
 from tsds_interp.rollout import rollout
 from tsds_interp.task import sample_questions
 
@@ -14,7 +15,8 @@ def test_zero_wo_head_ablation_changes_nothing(trained_tiny):
         model.blocks[1].attn.o.weight[:, 16:32] = 0  # head 1 of layer 1 (d_head 16) writes nothing
     q = sample_questions(model.tsds_config.task, "test", 64, seed=0)
     base = rollout(model, q, seed=3)
-    for mode_hook in (ablation_hook(1, None), ablation_hook(1, torch.randn(1, 20, 16))):
+    for mode_hook in (ablation_hook(Component("head", 1, 1), None),
+                      ablation_hook(Component("head", 1, 1), torch.randn(1, 20, 16))):
         ablated = rollout_with_hooks(model, q, [("blocks.1.attn.hook_z", mode_hook)], seed=3)
         assert torch.equal(base.tokens, ablated.tokens)
     assert not any(h.fwd_hooks for h in model.hook_dict.values())
@@ -39,7 +41,7 @@ def test_ablation_cli_errors(tmp_path):
 
 
 def test_transplanting_every_component_from_an_identical_model_changes_nothing(tiny_cfg):
-    from tsds_interp.ablation import components, transplant_hooks
+    from tsds_interp.ablation import transplant_hooks
     from tsds_interp.model import build_model
 
     target, source = build_model(tiny_cfg), build_model(tiny_cfg)
@@ -64,7 +66,7 @@ def test_transplanting_the_changed_component_reproduces_the_source(tiny_cfg):
         next(v for k, v in sd.items() if "layers.1." in k and "fc_out" in k and k.endswith("weight")).mul_(2.0)
         tokens = torch.randint(0, 10, (2, 8))
         want = source(tokens)
-        with target.hooks(fwd_hooks=transplant_hooks(source, [("blocks.1.hook_mlp_out", 1, None)])):
+        with target.hooks(fwd_hooks=transplant_hooks(source, [Component("mlp", 1)])):
             got = target(tokens)
     assert not torch.allclose(want, target(tokens))
     assert torch.allclose(got, want, atol=1e-5)

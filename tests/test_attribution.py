@@ -2,12 +2,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tsds_interp.attribution import (
+from tsds_interp.cli.attribution import main
+from tsds_interp.gradient_split import (
     OBJECTIVES,
     Trajectories,
     attribute,
     attribute_all,
-    main,
     objective_terms,
     parameter_groups,
     role_gradients,

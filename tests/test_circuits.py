@@ -6,13 +6,13 @@ import torch
 
 from tsds_interp.circuits import (
     attribute_components,
-    by_label,
     dissociation,
     name_circuits,
     node_scores,
     patch_components,
     shared_components,
 )
+from tsds_interp.components import by_label
 from tsds_interp.pairs import sampling_pairs
 from tsds_interp.patching import activation_patch, attribution_patch
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from tsds_interp.cli.train import main as train_main
 
 STAGES = {"sft": ("sft", ["--batch-size", "32"]), "rl": ("rl", ["--questions-per-step", "8"])}

@@ -93,7 +93,7 @@ def test_edge_attribution_tracks_exact_edge_patching_on_the_shipped_model():
 def test_edge_rules_and_refusals(tmp_path):
     model = _bridge("LN")
     writers, readers = nodes(model)
-    by = {n.name: n for n in writers + readers}
+    by = {n.label: n for n in writers + readers}
     assert feeds(by["embed"], by["L1H2"]) and feeds(by["L0H1"], by["L0.mlp"]) and feeds(by["L1.mlp"], by["logits"])
     assert not feeds(by["L1H0"], by["L1H3"]) and not feeds(by["L1.mlp"], by["L1.mlp"])
     assert not feeds(by["L1.mlp"], by["L1H0"])

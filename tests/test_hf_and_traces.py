@@ -6,8 +6,8 @@ import pytest
 import torch
 from tl_reference import assert_attribution_matches, assert_grids_match
 
-from tsds_interp.attribution import role_gradients
 from tsds_interp.forward import refusal
+from tsds_interp.gradient_split import role_gradients
 from tsds_interp.hf import boot, save_random
 from tsds_interp.traces import ds_counts, patch, role_attribution, traces
 

@@ -88,6 +88,7 @@ def test_gain_decomposition_adds_up_and_isolates_each_part():
 
     from tsds_interp.metrics import gain_decomposition
 
+
     def frame(p, c, w):
         return pd.DataFrame([dict(cell="2x2", metric=m, value=v, n=400)
                              for m, v in (("p_s", p), ("p_d_given_c", c), ("p_d_given_w", w))])

@@ -157,7 +157,9 @@ def test_attribution_equals_exact_patching_when_metric_is_linear(grid):
     clean = torch.randint(0, 17, (3, 12), generator=g)
     corrupted = clean.clone()
     corrupted[:, 4:7] = torch.randint(0, 17, (3, 3), generator=g)
-    metric = lambda logits: (logits[:, -1, 3] - 0.5 * logits[:, -1, 7]).mean()
+
+    def metric(logits):
+        return (logits[:, -1, 3] - 0.5 * logits[:, -1, 7]).mean()
     with torch.no_grad():
         base = float(metric(model(corrupted)))
     exact = activation_patch(model, clean, corrupted, metric, grid) - base

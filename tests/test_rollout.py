@@ -100,7 +100,6 @@ def test_empty_and_bad_arguments(random_model, questions):
 class _ScriptedPolicy(torch.nn.Module):
     """Stands in for a model in ``rollout(cached=False)``-style calls: returns one-hot logits that
     write (product + 1) REJECT, then product ACCEPT (or always REJECT / a bad decision token)."""
-
     def __init__(self, task, always_reject=False, decision_token=None):
         super().__init__()
         self.task, self.always_reject, self.decision_token = task, always_reject, decision_token

@@ -107,7 +107,6 @@ class _StepScript(torch.nn.Module):
     ``mode``: "right" (true step, ACCEPT); "first_call_wrong" (at r = 0 the true step with r' off in
     its lowest digit, REJECT; elsewhere true + ACCEPT); "stuck" (y' = y, never finishes, ACCEPT);
     "bad_decision" (true step, PAD)."""
-
     def __init__(self, task, mode):
         super().__init__()
         self.task, self.mode = task, mode
@@ -288,7 +287,7 @@ def test_sample_steps_decodes_every_position_alike_cached_or_not():
 
 
 def test_step_attribution_gives_each_attempt_its_episodes_advantage(trained_steps):
-    from tsds_interp.attribution import Trajectories, objective_terms
+    from tsds_interp.gradient_split import Trajectories, objective_terms
     from tsds_interp.objectives import advantages
 
     model = load(trained_steps[0]["sft"])

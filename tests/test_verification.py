@@ -31,7 +31,9 @@ def scripted(score):
     tokens the measure teacher-forces (prompt first, candidate last)."""
     def scorer(tokens):
         w = TASK.width
-        digits = lambda t: (t * 10 ** torch.arange(w - 1, -1, -1)).sum(1)
+
+        def digits(t):
+            return (t * 10 ** torch.arange(w - 1, -1, -1)).sum(1)
         a, b = digits(tokens[:, 1 : 1 + w]), digits(tokens[:, 2 + w : 2 + 2 * w])
         cand = parse_candidate(tokens[:, -TASK.answer_len :], TASK)
         gap = torch.tensor([float(score(x, y, c)) for x, y, c in zip(a.tolist(), b.tolist(), cand.tolist())])
@@ -88,7 +90,9 @@ def test_a_mixture_matches_hand_computation():
     assert t["2x2", "logit_gap@1"] == pytest.approx(((1 - 1.0) + (3 - 1)) / 2)
     assert t["2x2", "between_auc"] == pytest.approx(2.5 / 3)  # 1 vs {1}: tie; 3 vs {0, 2}: both above
     assert t["2x2", "within_auc@2"] == 0.0  # only q1 has two wrong samples: after 409 REJECT, 1 < 2
-    sig = lambda x: 1 / (1 + np.exp(-x))
+
+    def sig(x):
+        return 1 / (1 + np.exp(-x))
     mc = (2 * sig(1) + 3 * sig(3)) / 5
     mw = (sig(0) + sig(2) + sig(1)) / 3
     mt = (2 * sig(1) + sig(3)) / 3

@@ -16,12 +16,14 @@ least ``threshold`` with a 95% interval excluding 0; *decision* if it so moves p
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from tsds_interp import checks
+from tsds_interp.components import Component, components
 from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import config_of
 from tsds_interp.patching import check_hook_names
@@ -33,40 +35,27 @@ MODES = ("zero", "mean", "resample")
 SCORED = ("p_s", "p_d_given_c", "p_d_given_w", "realized_accuracy")
 
 
-def components(model) -> list[tuple[str, int, int | None]]:
-    """(hook name, layer, head or None) for every head and MLP."""
-    out = []
-    for layer in range(model.cfg.n_layers):
-        out += [(f"blocks.{layer}.attn.hook_z", layer, h) for h in range(model.cfg.n_heads)]
-        out.append((f"blocks.{layer}.hook_mlp_out", layer, None))
-    return out
-
-
-def _replacement(model, name: str, head: int | None, mode: str, reference: torch.Tensor):
+def _replacement(model, c: Component, mode: str, reference: torch.Tensor):
     if mode == "zero":
         return None
     with torch.no_grad():
-        _, cache = model.run_with_cache(reference, names_filter=lambda n: n == name)
-    act = cache[name] if head is None else cache[name][:, :, head]
+        _, cache = model.run_with_cache(reference, names_filter=lambda n: n == c.hook_name)
+    act = c.read(cache[c.hook_name])
     if mode == "mean":
         return act.mean(0, keepdim=True)
     perm = torch.randperm(act.shape[0], generator=torch.Generator().manual_seed(0))
     return act[perm]
 
 
-def ablation_hook(head: int | None, replacement: torch.Tensor | None):
-    """Forward hook replacing a component's activation (rows cycle through the replacement)."""
+def ablation_hook(c: Component, replacement: torch.Tensor | None):
+    """Forward hook replacing component ``c``'s activation by zero or by ``replacement`` (a batch of
+    one is broadcast; otherwise rows cycle through the replacement's rows)."""
     def hook(act, hook):
-        act = act.clone()
-        target = act if head is None else act[:, :, head]
+        n, t = act.shape[:2]
         if replacement is None:
-            target.zero_()
-        else:
-            n, t = target.shape[:2]
-            rows = torch.arange(n) % replacement.shape[0]
-            target.copy_(replacement[rows, :t].expand_as(target) if replacement.shape[0] > 1
-                         else replacement[:, :t].expand_as(target))
-        return act
+            return c.write(act, act.new_zeros(()))
+        rows = torch.arange(n) % replacement.shape[0] if replacement.shape[0] > 1 else torch.zeros(1, dtype=torch.long)
+        return c.write(act, replacement[rows, :t])
     return hook
 
 
@@ -97,16 +86,16 @@ def ablation_sweep(model, n_questions: int = 256, mode: str = "zero", seed: int 
     reference = rollout(model, sample_questions(task, "train", 128, seed=seed + 6), **kw).tokens
     rows = []
     comps = components(model)
-    check_hook_names(model, sorted({c[0] for c in comps}))
-    for name, layer, head in tqdm(comps, desc=f"{mode} ablation", disable=quiet):
-        hook = ablation_hook(head, _replacement(model, name, head, mode, reference))
-        m = ds_metrics(rollout_with_hooks(model, q, [(name, hook)], **kw)).query("cell == 'all'")
+    check_hook_names(model, sorted({c.hook_name for c in comps}))
+    for c in tqdm(comps, desc=f"{mode} ablation", disable=quiet):
+        hook = ablation_hook(c, _replacement(model, c, mode, reference))
+        m = ds_metrics(rollout_with_hooks(model, q, [(c.hook_name, hook)], **kw)).query("cell == 'all'")
         m = m.set_index("metric")
         for metric in SCORED:
             a, b = base.loc[metric], m.loc[metric]
             d, lo, hi = proportion_difference(a.value, a.n, b.value, b.n)
-            rows.append(dict(component=f"L{layer}H{head}" if head is not None else f"L{layer}.mlp",
-                             layer=layer, head=-1 if head is None else head, mode=mode, metric=metric,
+            rows.append(dict(component=c.label, layer=c.layer, head=-1 if c.head is None else c.head,
+                             mode=mode, metric=metric,
                              baseline=base.loc[metric].value, ablated=m.loc[metric].value,
                              delta=d, lo=lo, hi=hi))
     df = pd.DataFrame(rows)
@@ -126,11 +115,11 @@ def label_components(df: pd.DataFrame, threshold: float = 0.05) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def transplant_hooks(source, comps: list[tuple[str, int, int | None]]) -> list[tuple[str, callable]]:
-    """Forward hooks for a target model that replace each component in ``comps`` (hook name,
-    layer, head or None) with ``source``'s activation on the same tokens: cross-model activation
-    patching that also works during rollouts (use with :func:`rollout_with_hooks`)."""
-    names = sorted({c[0] for c in comps})
+def transplant_hooks(source, comps: list[Component]) -> list[tuple[str, Callable]]:
+    """Forward hooks for a target model that replace each component in ``comps`` with ``source``'s
+    activation on the same tokens: cross-model activation patching that also works during rollouts
+    (use with :func:`rollout_with_hooks`)."""
+    names = sorted({c.hook_name for c in comps})
     check_hook_names(source, names)
     store: dict[str, torch.Tensor] = {}
 
@@ -139,16 +128,10 @@ def transplant_hooks(source, comps: list[tuple[str, int, int | None]]) -> list[t
             _, cache = source.run_with_cache(tokens, names_filter=lambda n: n in names)
         store.update({n: cache[n] for n in names})
 
-    def replace(act, hook, name, head):
-        act = act.clone()
-        if head is None:
-            act.copy_(store[name])
-        else:
-            act[:, :, head] = store[name][:, :, head]
-        return act
+    def replace(c: Component):
+        return lambda act, hook: c.write(act, c.read(store[c.hook_name]))
 
-    return [("embed.hook_in", read_tokens)] + [
-        (name, lambda a, hook, name=name, head=head: replace(a, hook, name, head)) for name, _, head in comps]
+    return [("embed.hook_in", read_tokens)] + [(c.hook_name, replace(c)) for c in comps]
 
 
 if __name__ == "__main__":  # python -m tsds_interp.ablation

@@ -94,7 +94,6 @@ def bench_rollout(quick: bool) -> dict:
 
 class PlainTransformer(nn.Module):
     """The hooked model's architecture in plain PyTorch, attention explicit or fused."""
-
     def __init__(self, state: dict[str, torch.Tensor], cfg, fused: bool = False):
         super().__init__()
         self.params = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.clone())
@@ -197,8 +196,10 @@ def bench_patching(quick: bool) -> dict:
         finally:
             tlp.tqdm = orig
 
-    exact = lambda: activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
-    attr = lambda: attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
+    def exact():
+        return activation_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
+    def attr():
+        return attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head_pos")
     max_diff = float((reference() - exact()).abs().max())
     t = _timed({"tl": reference, "exact": exact, "attr": attr}, 2 if quick else 5)
     common = f"transformer_lens.patching.get_act_patch_attn_head_out_by_pos, {len(pairs)} decision pairs"

@@ -43,7 +43,6 @@ class Interrupted(Exception):
 
 class StopRequested:
     """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
-
     def __init__(self):
         self.flag = False
 

@@ -30,7 +30,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tsds_interp.ablation import ablation_hook, ablation_sweep, components, rollout_with_hooks
+from tsds_interp.ablation import ablation_hook, ablation_sweep, rollout_with_hooks
+from tsds_interp.components import Component, by_label, components
 from tsds_interp.edges import edge_attribution
 from tsds_interp.metrics import decision_scores, score_candidates
 from tsds_interp.model import config_of
@@ -41,20 +42,6 @@ from tsds_interp.stats import boot_mean, mean_gap, proportion_difference, wilson
 from tsds_interp.task import Questions, TaskConfig, sample_questions
 
 METHODS = ("activation", "attribution", "ablation", "edges")
-Component = tuple[str, int, int | None]  # hook name, layer, head (None for an MLP)
-
-
-def component_label(layer: int, head: int | None) -> str:
-    return f"L{layer}.mlp" if head is None else f"L{layer}H{head}"
-
-
-def by_label(model, labels: list[str]) -> list[Component]:
-    """The components named ``labels`` (``L1H2``, ``L3.mlp``), with a clear error for unknown ones."""
-    known = {component_label(layer, head): (name, layer, head) for name, layer, head in components(model)}
-    bad = [x for x in labels if x not in known]
-    if bad:
-        raise ValueError(f"unknown component {bad[0]!r}; components are named like L0H1 or L2.mlp")
-    return [known[x] for x in labels]
 
 
 @torch.no_grad()
@@ -63,21 +50,13 @@ def patch_components(model, pairs: Pairs) -> pd.Series:
     change of the pair metric, indexed by component label."""
     base = float(pairs.metric(model(pairs.corrupted)))
     comps = components(model)
-    names = sorted({c[0] for c in comps})
+    names = sorted({c.hook_name for c in comps})
     _, clean = model.run_with_cache(pairs.clean, names_filter=lambda n: n in names)
-
-    def put(act, hook, name, head):
-        act = act.clone()
-        if head is None:
-            return clean[name]
-        act[:, :, head] = clean[name][:, :, head]
-        return act
-
     out = {}
-    for name, layer, head in comps:
-        hook = lambda a, hook, name=name, head=head: put(a, hook, name, head)
-        out[component_label(layer, head)] = float(pairs.metric(model.run_with_hooks(
-            pairs.corrupted, fwd_hooks=[(name, hook)]))) - base
+    for c in comps:
+        hook = ablation_hook(c, c.read(clean[c.hook_name]))
+        patched = model.run_with_hooks(pairs.corrupted, fwd_hooks=[(c.hook_name, hook)])
+        out[c.label] = float(pairs.metric(patched)) - base
     return pd.Series(out)
 
 
@@ -85,9 +64,9 @@ def attribute_components(model, pairs: Pairs) -> pd.Series:
     """Attribution patching of every component at all positions, indexed by component label."""
     heads = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "head")
     mlps = attribution_patch(model, pairs.clean, pairs.corrupted, pairs.metric, "mlp_out").sum(1)
-    out = {component_label(layer, h): float(heads[layer, h]) for layer in range(heads.shape[0])
+    out = {Component("head", layer, h).label: float(heads[layer, h]) for layer in range(heads.shape[0])
            for h in range(heads.shape[1])}
-    out.update({component_label(layer, None): float(v) for layer, v in enumerate(mlps)})
+    out.update({Component("mlp", layer).label: float(v) for layer, v in enumerate(mlps)})
     return pd.Series(out)
 
 
@@ -150,14 +129,10 @@ def shared_components(scores: pd.DataFrame, threshold: float = 0.5) -> list[str]
 
 def mean_ablation_hooks(model, comps: list[Component], reference: Int[Tensor, "batch pos"]) -> list:
     """Forward hooks replacing each component by its per-position mean over ``reference`` tokens."""
-    names = sorted({c[0] for c in comps})
+    names = sorted({c.hook_name for c in comps})
     with torch.no_grad():
         _, cache = model.run_with_cache(reference, names_filter=lambda n: n in names)
-    hooks = []
-    for name, _, head in comps:
-        act = cache[name] if head is None else cache[name][:, :, head]
-        hooks.append((name, ablation_hook(head, act.mean(0, keepdim=True))))
-    return hooks
+    return [(c.hook_name, ablation_hook(c, c.read(cache[c.hook_name]).mean(0, keepdim=True))) for c in comps]
 
 
 def _decision_questions(task, cells, n: int, seed: int) -> Questions:
@@ -191,7 +166,7 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
         sets.update({f"{f} top component": by_label(model, labels[:1]) for f, labels in circuits.items()
                      if len(labels) > 1})
     named = {c for labels in circuits.values() for c in labels}
-    others = [c for c in components(model) if component_label(c[1], c[2]) not in named]
+    others = [c for c in components(model) if c.label not in named]
     sizes = sorted({len(v) for v in circuits.values() if v} | ({1} if top1 else set()))
     for size in sizes:
         for i in range(controls):
@@ -204,7 +179,8 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
     kw = dict(task=task, budget=1, seed=seed + 14)
 
     def measure(hooks):
-        scorer = lambda t: _hooked(model, hooks, lambda: decision_scores(model, t))
+        def scorer(t):
+            return _hooked(model, hooks, lambda: decision_scores(model, t))
         v = score_candidates(qd, sampled[:, 0], sampled, task, scorer, attempts=1)
         truth, wrong = v.attempts[0]["truth"], v.attempts[0]["wrong"]
         auc, gap = within_auc(truth, wrong), mean_gap(truth, wrong)
@@ -218,7 +194,7 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
         hit = measure(mean_ablation_hooks(model, comps, reference))
         rows += [_effect_row(label, m, base[m], hit[m], rng, n_boot) for m in base]
     df = pd.DataFrame(rows)
-    df["components"] = df.ablated.map({k: " ".join(component_label(c[1], c[2]) for c in v)
+    df["components"] = df.ablated.map({k: " ".join(c.label for c in v)
                                        for k, v in sets.items()}).fillna("")
     df["cells"] = TaskConfig.format_cells(chosen)
     return df

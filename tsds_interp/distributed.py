@@ -16,7 +16,6 @@ import torch.distributed as dist
 
 class Dist:
     """Rank, world size and device of this process (one process: rank 0 of 1)."""
-
     def __init__(self, device: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))

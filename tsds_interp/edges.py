@@ -22,7 +22,6 @@ one key/value head per query head and sequential attention and MLP; other models
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import matplotlib
 
@@ -35,31 +34,18 @@ import torch.nn.functional as F  # noqa: E402
 from jaxtyping import Float, Int  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from tsds_interp.components import Component, components  # noqa: E402
+
 Metric = Callable[[Tensor], Tensor]
 
 
-@dataclass(frozen=True)
-class Node:
-    name: str
-    layer: int        # -1 for embed, n_layers for logits
-    kind: str         # embed, head, mlp, logits
-    head: int | None = None
-
-
-def nodes(model) -> tuple[list[Node], list[Node]]:
+def nodes(model) -> tuple[list[Component], list[Component]]:
     """(upstream writers, downstream readers) in layer order."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    writers = [Node("embed", -1, "embed")]
-    readers = []
-    for layer in range(L):
-        heads = [Node(f"L{layer}H{h}", layer, "head", h) for h in range(H)]
-        mlp = Node(f"L{layer}.mlp", layer, "mlp")
-        writers += heads + [mlp]
-        readers += heads + [mlp]
-    return writers, readers + [Node("logits", L, "logits")]
+    inner = components(model)
+    return [Component("embed", -1), *inner], [*inner, Component("logits", model.cfg.n_layers)]
 
 
-def feeds(u: Node, v: Node) -> bool:
+def feeds(u: Component, v: Component) -> bool:
     """Whether u's output reaches v's input directly (v reads the residual stream after u writes)."""
     if v.kind == "logits" or u.kind == "embed":
         return True
@@ -178,7 +164,7 @@ def edge_attribution(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
                     for k in range(ig_steps)) / ig_steps
     scores = torch.einsum("ubpd,vbpd->uv", delta.double(), grads.double()).float()
     writers, readers = nodes(model)
-    rows = [dict(source=u.name, target=v.name, score=float(scores[i, j]))
+    rows = [dict(source=u.label, target=v.label, score=float(scores[i, j]))
             for i, u in enumerate(writers) for j, v in enumerate(readers) if feeds(u, v)]
     return pd.DataFrame(rows)
 
@@ -196,8 +182,8 @@ def edge_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "b
     _, bas = model.run_with_cache(base, names_filter=lambda n: n in names)
     delta = writer_outputs(model, src) - writer_outputs(model, bas)
     writers, readers = nodes(model)
-    w_ix = {u.name: i for i, u in enumerate(writers)}
-    r_by = {v.name: v for v in readers}
+    w_ix = {u.label: i for i, u in enumerate(writers)}
+    r_by = {v.label: v for v in readers}
     base_value = float(metric(model(base)))
     rows = []
     for u_name, v_name in edges:
@@ -212,7 +198,7 @@ def edge_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "b
     return pd.DataFrame(rows)
 
 
-def _receiver_hooks(model, v: Node, d: Tensor) -> list:
+def _receiver_hooks(model, v: Component, d: Tensor) -> list:
     if v.kind == "logits":
         return [("ln_final.hook_in", lambda a, hook: a + d)]
     if v.kind == "mlp":
@@ -247,7 +233,7 @@ def draw_graph(edges: pd.DataFrame, model, path, title: str = "circuit") -> None
     for n in {*writers, *readers}:
         x = {"embed": H / 2, "logits": H / 2, "mlp": H + 0.6}.get(n.kind, n.head if n.head is not None else 0)
         y = n.layer + (0.5 if n.kind == "mlp" else 0)
-        pos[n.name] = (x, y)
+        pos[n.label] = (x, y)
     fig, ax = plt.subplots(figsize=(6, 6))
     lim = edges.score.abs().max() or 1.0
     for r in edges.itertuples():

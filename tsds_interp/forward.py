@@ -126,7 +126,6 @@ def use_own_weights(model, what: str) -> bool:
 
 class OwnWeights:
     """The weights of a native model by name (live parameters: differentiable) and its blocks."""
-
     def __init__(self, model):
         self.cfg = model.cfg
         self.w = model.state_dict(keep_vars=True)
@@ -188,7 +187,6 @@ class OwnWeights:
 class OwnForward(nn.Module):
     """``model``'s logits from its own weights, as a module (so ``DistributedDataParallel`` can wrap
     it); gradients reach ``model``'s parameters."""
-
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -207,7 +205,6 @@ def fast_forward(model, what: str = "forward"):
 
 class KVCache:
     """Decodes with the model's own weights and a key/value cache: one position per step."""
-
     def __init__(self, model, batch: int, max_len: int):
         self.own = OwnWeights(model)
         cfg = model.cfg

@@ -181,7 +181,9 @@ def _call_counts(r: StepRollouts) -> tuple[dict[str, np.ndarray], np.ndarray, np
     key = ep * (int(call.max()) + 1) + call
     uniq, inv = np.unique(key, return_inverse=True)
     n = len(uniq)
-    add = lambda x: np.bincount(inv, weights=x.astype(float), minlength=n).astype(int)
+
+    def add(x):
+        return np.bincount(inv, weights=x.astype(float), minlength=n).astype(int)
     correct, dec = r.step_correct.numpy(), r.decisions.numpy()
     first = r.attempt.numpy() == 0
     written = np.ones_like(correct)
@@ -272,7 +274,9 @@ def heldout_metrics(model, n_questions: int = 2048, n_ood: int = 256, seed: int 
 
 def _gain_parts(draws, budget: int):
     (p0, c0, w0), (p1, c1, w1) = draws
-    acc = lambda p, c, w: predicted_accuracy(p, c, w, budget)
+
+    def acc(p, c, w):
+        return predicted_accuracy(p, c, w, budget)
     samp = (acc(p1, c0, w0) - acc(p0, c0, w0) + acc(p1, c1, w1) - acc(p0, c1, w1)) / 2
     dec = (acc(p0, c1, w1) - acc(p0, c0, w0) + acc(p1, c1, w1) - acc(p1, c0, w0)) / 2
     return samp + dec, samp, dec
@@ -292,7 +296,9 @@ def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n
     rng = np.random.default_rng(seed)
     keys = ("p_s", "p_d_given_c", "p_d_given_w")
     rows = []
-    has_all = lambda f: {c for c, part in f.groupby("cell") if set(keys) <= set(part.metric)}
+
+    def has_all(f):
+        return {c for c, part in f.groupby("cell") if set(keys) <= set(part.metric)}
     for cell in [c for c in after.cell.unique() if c in has_all(before) & has_all(after)]:
         vals = []
         for frame in (before, after):
@@ -387,7 +393,8 @@ def _logprob_auc(model, questions: Questions, sampled, qs: np.ndarray, task: Tas
     prompt = prompt_tokens(q.a, q.b, task)
     L = task.answer_len
     with torch.no_grad():
-        lp = lambda t: token_logprobs(model, t)[0][:, -L:].sum(1).numpy()
+        def lp(t):
+            return token_logprobs(model, t)[0][:, -L:].sum(1).numpy()
         lp_truth = lp(torch.cat([prompt, answer_tokens(truth, task)], 1))
         lp_wrong = lp(torch.cat([prompt.repeat_interleave(counts, 0), answer_tokens(torch.cat(wrong), task)], 1))
     return within_auc(lp_truth, np.split(lp_wrong, np.cumsum(counts.numpy())[:-1]))
@@ -407,7 +414,9 @@ def score_candidates(questions: Questions, greedy: Int[Tensor, " n"], sampled: I
     correct = sampled == truth[:, None]
     wrong = wellformed & ~correct
     prompt = prompt_tokens(questions.a, questions.b, task)
-    answer = lambda v: answer_tokens(v.clamp(min=0), task)
+
+    def answer(v):
+        return answer_tokens(v.clamp(min=0), task)
     flat = torch.cat([prompt.repeat_interleave(samples, 0), answer(sampled.flatten())], 1)
     gap_flat, p_flat = (x.view(n, samples) for x in scorer(flat))
     p_acc_sample = torch.where(wellformed, p_flat, torch.nan).numpy()
@@ -449,8 +458,10 @@ def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists
 
 def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
     rows = []
-    add = lambda metric, stat, n: rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
-                                                   hi=stat[2], n=int(n)))
+
+    def add(metric, stat, n):
+        return rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
+                                                       hi=stat[2], n=int(n)))
     nq = int(sel.sum())
     g = v.greedy_correct[sel].astype(float)
     add("greedy_accuracy", (g.mean(), *wilson(g.sum(), nq)), nq)
@@ -637,14 +648,20 @@ def collect_step_verification(model, questions: Questions, samples: int = 8, tem
     sampled = sample_steps(model, s[idx], task, temperature, seed=seed + 1)[0][:, P : P + L]
     wellformed = (sampled <= 9).all(1)
     correct = check_steps(s[idx], sampled.clamp(max=9), task) & wellformed
-    score = lambda steps, pr: decision_scores(model, torch.cat([pr, steps.clamp(max=9)], 1))
+
+    def score(steps, pr):
+        return decision_scores(model, torch.cat([pr, steps.clamp(max=9)], 1))
     gap_t, p_t = score(truth, prompt)
     gap_s, p_s = score(sampled, prompt[idx])
     corrupted = corrupt_step_tokens(truth, task, np.random.default_rng(seed))
     gap_c, _ = score(corrupted, prompt)
-    lp = lambda steps, pr: token_logprobs(model, torch.cat([pr, steps.clamp(max=9)], 1))[0][:, -L:].sum(1)
+
+    def lp(steps, pr):
+        return token_logprobs(model, torch.cat([pr, steps.clamp(max=9)], 1))[0][:, -L:].sum(1)
     shape = (n, samples)
-    nan_bad = lambda x: torch.where(wellformed, x, torch.nan).view(shape).numpy()
+
+    def nan_bad(x):
+        return torch.where(wellformed, x, torch.nan).view(shape).numpy()
     return StepVerificationData(
         cells=np.array([TaskConfig.cell_name(c) for c in questions.cells]),
         greedy_correct=check_steps(s, greedy.clamp(max=9), task).numpy() & (greedy <= 9).all(1).numpy(),
@@ -656,8 +673,10 @@ def collect_step_verification(model, questions: Questions, samples: int = 8, tem
 
 def _step_verification_rows(v: StepVerificationData, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
     rows = []
-    add = lambda metric, stat, n: rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
-                                                   hi=stat[2], n=int(n)))
+
+    def add(metric, stat, n):
+        return rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
+                                                       hi=stat[2], n=int(n)))
     nq = int(sel.sum())
     g = v.greedy_correct[sel].astype(float)
     add("greedy_accuracy", (g.mean() if nq else np.nan, *wilson(g.sum(), nq)), nq)

@@ -326,18 +326,3 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") ->
 def autocast(device: str | torch.device, mode: str = "none"):
     """bfloat16 autocast on ``device`` when ``mode == 'bf16'``, else a no-op context."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mode == "bf16")
-
-
-def run_versions() -> dict:
-    """Library versions and git commit, for run records."""
-    import subprocess
-    import sys
-    from importlib.metadata import version
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"torch": torch.__version__, "transformer_lens": version("transformer-lens"),
-            "python": sys.version.split()[0], "git_commit": commit}

@@ -29,6 +29,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tsds_interp import checks
+from tsds_interp.components import Component
 from tsds_interp.edges import edge_attribution, edge_patch
 from tsds_interp.forward import OwnWeights, use_own_weights
 from tsds_interp.pairs import Pairs, make_pairs
@@ -137,7 +138,8 @@ def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
             if grid == "resid_pre":
                 logits = model(_patch_variants(x, src, cell_ix, axes, n_var), start_at_layer=layer)
             else:
-                hook = lambda act, hook, c=cell_ix, s=src, n=n_var: _patch_variants(act, s, c, axes, n)
+                def hook(act, hook, c=cell_ix, s=src, n=n_var):
+                    return _patch_variants(act, s, c, axes, n)
                 logits = model.run_with_hooks(x, start_at_layer=layer, fwd_hooks=[(names[layer], hook)])
             logits = logits.view(n_var, B, *logits.shape[1:])
             out[layer, start : start + n_var] = torch.stack([metric(lg) for lg in logits]).float()
@@ -157,7 +159,6 @@ class _PrefixReuse:
     (:mod:`tsds_interp.forward`, which refuses models it does not reproduce exactly); results equal
     the hooked model's to float rounding (tested against ``transformer_lens.patching``).
     """
-
     def __init__(self, model):
         self.own = OwnWeights(model)
         self.cfg = model.cfg
@@ -194,7 +195,9 @@ class _PrefixReuse:
     def _variants(self, layer: int, pos: int, heads: Tensor, metric: Metric) -> Tensor:
         """The metric with each of ``heads`` at (``layer``, ``pos``) taking the source's output."""
         n, (B, T) = len(heads), self.base_logits.shape[:2]
-        rep = lambda t: t.repeat(n, *([1] * (t.dim() - 1)))
+
+        def rep(t):
+            return t.repeat(n, *([1] * (t.dim() - 1)))
         rows = torch.arange(n)
 
         def patch(z):  # variant i takes the source's head heads[i] at pos
@@ -365,10 +368,12 @@ def run_patching(model, function: str, method: str = "activation", granularity: 
 
 
 def component_name(row) -> str:
+    """The label of a tidy patching row: ``L0H1``, ``L0.attn``, ``L0.mlp`` or ``L0.resid`` (``@pos`` per
+    position), or ``source->target`` for an edge."""
     if row.grid == "edge":
         return f"{row.source}->{row.target}"
-    kind = {"attn_out": "attn", "mlp_out": "mlp", "resid_pre": "resid"}.get(row.grid)
-    name = f"L{row.layer}H{row.head}" if kind is None else f"L{row.layer}.{kind}"
+    kind = {"attn_out": "attn", "mlp_out": "mlp", "resid_pre": "resid"}.get(row.grid, "head")
+    name = Component(kind, int(row.layer), int(row.head) if kind == "head" else None).label
     return name + (f"@{row.pos}" if "pos" in row and pd.notna(row.get("pos")) else "")
 
 

@@ -83,7 +83,6 @@ class Rollouts:
 
 class UncachedStepper:
     """Reference decoder: re-runs the hooked model on the whole prefix for every token."""
-
     def __init__(self, model, batch: int, max_len: int):
         self.model = model
         self.tokens: Tensor | None = None

@@ -215,7 +215,9 @@ def check_operands(a: Tensor, b: Tensor, task: TaskConfig) -> None:
 def prompt_tokens(a: Int[Tensor, " n"], b: Int[Tensor, " n"], task: TaskConfig) -> Int[Tensor, "n p"]:
     check_operands(a, b, task)
     n = a.shape[0]
-    col = lambda tok: torch.full((n, 1), tok, dtype=torch.long)
+
+    def col(tok):
+        return torch.full((n, 1), tok, dtype=torch.long)
     return torch.cat([col(BOS), _digits(a, task.width), col(MUL), _digits(b, task.width), col(EQ)], 1)
 
 
@@ -436,7 +438,8 @@ def state_tokens(s: States, task: TaskConfig) -> Int[Tensor, "n prompt"]:
     W, n = task.width, len(s)
     if len(s) and (s.x.max() >= 10**W or s.y.max() >= 10**W or s.r.max() >= 10 ** (2 * W)):
         raise ValueError(f"a state does not fit width {task.width}: x, y need at most {W} digits, r {2 * W}")
-    col = lambda tok: torch.full((n, 1), tok, dtype=torch.long)
+    def col(tok):
+        return torch.full((n, 1), tok, dtype=torch.long)
     return torch.cat([col(BOS), lsb_digits(s.x, W), col(MUL), lsb_digits(s.y, W), col(EQ),
                       lsb_digits(s.r, 2 * W)], 1)
 

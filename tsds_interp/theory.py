@@ -146,7 +146,9 @@ def monte_carlo(theta: Float[Tensor, 3], theta0: Float[Tensor, 3] | None = None,
     if theta0 is not None:
         p0, a0, r0 = probabilities(theta0.double()).tolist()
         d = t - theta0.double().numpy()
-        kl = lambda q, q0: q * np.log(q / q0) + (1 - q) * np.log((1 - q) / (1 - q0))
+
+        def kl(q, q0):
+            return q * np.log(q / q0) + (1 - q) * np.log((1 - q) / (1 - q0))
         kl_s, kl_a, kl_r = kl(p, p0), kl(a, a0), kl(r, r0)
     for i in range(budget):
         if not alive.any():

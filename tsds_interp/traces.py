@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tsds_interp.attribution import OBJECTIVES, Trajectories, attribute, summarize
+from tsds_interp.gradient_split import OBJECTIVES, Trajectories, attribute, summarize
 from tsds_interp.patching import GRIDS, activation_patch, attribution_patch, to_frame
 from tsds_interp.stats import wilson
 from tsds_interp.task import DECISION, END, PADDING, PROMPT, ROLE_NAMES, SAMPLE

@@ -41,7 +41,7 @@ from tsds_interp.data import reflective_sft_data, solution_batch, verification_d
 from tsds_interp.distributed import Dist
 from tsds_interp.forward import fast_forward, refusal
 from tsds_interp.metrics import ds_metrics
-from tsds_interp.model import autocast, build_model, config_of, grow, load, run_versions
+from tsds_interp.model import autocast, build_model, config_of, grow, load
 from tsds_interp.objectives import (
     Terms,
     advantages,
@@ -52,6 +52,7 @@ from tsds_interp.objectives import (
     token_logprobs,
 )
 from tsds_interp.presets import STAGES, TrainConfig, preset_config
+from tsds_interp.provenance import run_versions
 from tsds_interp.rollout import rollout
 from tsds_interp.task import (
     DECISION,

@@ -17,7 +17,6 @@ EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 class Parser(argparse.ArgumentParser):
     """``argparse`` with defaults shown in ``--help`` and errors on one line."""
-
     def __init__(self, prog: str, description: str):
         super().__init__(prog=prog, description=description,
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -28,7 +27,6 @@ class Parser(argparse.ArgumentParser):
 
 class FlagError(ValueError):
     """A flag that does not parse or is out of range."""
-
 
 def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
          argv: list[str] | None) -> int:

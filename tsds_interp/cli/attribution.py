@@ -1,4 +1,4 @@
-"""``python -m tsds_interp.attribution``: the command line of :mod:`tsds_interp.attribution`."""
+"""``python -m tsds_interp.attribution``: the command line of :mod:`tsds_interp.gradient_split`."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import json
 import torch
 
 from tsds_interp import cli
-from tsds_interp.attribution import MAX_QUESTIONS, attribute_all, default_batches, head_decision_share, summarize
+from tsds_interp.gradient_split import MAX_QUESTIONS, attribute_all, default_batches, head_decision_share, summarize
 from tsds_interp.model import (
     CheckpointError,
     checkpoint_config,
     load,
     resolve_checkpoint,
-    run_versions,
     shipped_names,
 )
 from tsds_interp.plotting import gradient_mass_bars, head_share_heatmap
+from tsds_interp.provenance import run_versions
 
 # ---------------------------------------------------------------- CLI
 

@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 from tsds_interp import cli
 from tsds_interp.edges import draw_graph, prune
 from tsds_interp.forward import refusal
-from tsds_interp.model import autocast, checkpoint_config, load, resolve_checkpoint, run_versions
+from tsds_interp.model import autocast, checkpoint_config, load, resolve_checkpoint
 from tsds_interp.patching import GRANULARITY_GRIDS, MAX_PAIRS, gap_line, run_patching, top_components
 from tsds_interp.plotting import heatmap
+from tsds_interp.provenance import run_versions
 
 # The shipped model whose decision separates its own wrong steps from the truth most (decision gap of
 # the default run, 32 own-wrong pairs: steps_sft 0.665 [0.081, 1.483], steps_rl 0.204 [0.008, 0.518],

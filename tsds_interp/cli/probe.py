@@ -7,9 +7,10 @@ import time
 
 from tsds_interp import cli, probe
 from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES
-from tsds_interp.model import checkpoint_config, load, resolve_checkpoint, run_versions
+from tsds_interp.model import checkpoint_config, load, resolve_checkpoint
 from tsds_interp.plotting import heatmap
 from tsds_interp.probe import MIN_QUESTIONS, probe_study
+from tsds_interp.provenance import run_versions
 
 
 def _parser() -> cli.Parser:

@@ -17,8 +17,9 @@ import pandas as pd
 
 from tsds_interp import cli
 from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, verification_metrics
-from tsds_interp.model import checkpoint_config, load, resolve_checkpoint, run_versions
+from tsds_interp.model import checkpoint_config, load, resolve_checkpoint
 from tsds_interp.plotting import verification_plot
+from tsds_interp.provenance import run_versions
 
 SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "within_auc@2",
            "between_auc", "own_logprob_auc",

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from tsds_interp.metrics import heldout_metrics
 from tsds_interp.model import load
+from tsds_interp.verification import heldout_metrics
 
 KEY_METRICS = ("p_s_first", "p_s", "p_d_given_c", "p_d_given_w", "realized_accuracy", "predicted_accuracy@3",
                "pass@3", "within_auc@1", "within_auc@2", "greedy_accuracy", "accept_gap_within")

@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import fmt  # noqa: E402
 
 from tsds_interp import cli  # noqa: E402
-from tsds_interp.metrics import collect_verification, ds_metrics, hard_cells, verification_table  # noqa: E402
+from tsds_interp.metrics import ds_metrics  # noqa: E402
 from tsds_interp.model import config_of, load, resolve_checkpoint  # noqa: E402
 from tsds_interp.rollout import rollout  # noqa: E402
 from tsds_interp.task import TaskConfig, sample_questions  # noqa: E402
+from tsds_interp.verification import collect_verification, hard_cells, verification_table  # noqa: E402
 
 SHOWN = ("within_auc@1", "within_auc@2", "within_share", "corruption_auc", "own_logprob_auc", "greedy_accuracy",
          "p_s_first", "realized_accuracy", "reflection_gain")

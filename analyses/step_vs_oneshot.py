@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from tsds_interp import cli  # noqa: E402
-from tsds_interp.metrics import verification_metrics  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.rollout import rollout  # noqa: E402
 from tsds_interp.stats import wilson  # noqa: E402
 from tsds_interp.task import TaskConfig, sample_questions  # noqa: E402
+from tsds_interp.verification import verification_metrics  # noqa: E402
 
 COLUMNS = ("greedy", "first_attempt", "realized", "within_auc", "e_plus", "e_minus")
 

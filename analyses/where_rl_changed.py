@@ -40,11 +40,12 @@ from tsds_interp import cli
 from tsds_interp.ablation import rollout_with_hooks, transplant_hooks  # noqa: E402
 from tsds_interp.components import by_label  # noqa: E402
 from tsds_interp.gradient_split import parameter_groups  # noqa: E402
-from tsds_interp.metrics import decision_scores, ds_metrics, score_candidates  # noqa: E402
+from tsds_interp.metrics import ds_metrics  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
 from tsds_interp.pairs import own_samples  # noqa: E402
 from tsds_interp.stats import within_auc  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
+from tsds_interp.verification import decision_scores, score_candidates  # noqa: E402
 
 SHOWN = ("within_auc", "p_d_given_w", "p_d_given_c", "realized_accuracy", "p_s")
 

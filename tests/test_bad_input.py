@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINY_TASK
 from safetensors.torch import load_file, save_file
 
 from tsds_interp import ship as ship_library
@@ -13,7 +14,7 @@ from tsds_interp.cli import ablation, attribution, bench, patch, probe, ship, tr
 from tsds_interp.model import ModelConfig, build_model, save
 from tsds_interp.task import TaskConfig
 
-TINY = TaskConfig(width=2, budget=2, train_cells=((1, 1), (1, 2), (2, 1)), ood_cells=((2, 2),))
+TINY = TINY_TASK
 WIDE = TaskConfig(width=3, budget=2, train_cells=((1, 1), (1, 2), (2, 1)), ood_cells=((2, 2),))
 STAGE_ARGS = ["--preset", "tiny", "--steps", "2", "--ckpt-every", "1", "--eval-every", "2",
               "--eval-questions", "8", "--quiet"]
@@ -191,12 +192,12 @@ def test_ship_damaged_records_refused_before_copying(world, dest, words, capsys,
 
 def _library_cases(model):
     from tsds_interp.ablation import ablation_sweep
-    from tsds_interp.metrics import verification_metrics
     from tsds_interp.objectives import advantages
     from tsds_interp.patching import activation_patch, attribution_patch, run_patching
     from tsds_interp.presets import TrainConfig
     from tsds_interp.rollout import rollout
     from tsds_interp.task import sample_questions
+    from tsds_interp.verification import verification_metrics
 
     tokens = torch.zeros(2, 7, dtype=torch.long)
     metric = lambda logits: logits[:, -1, 0].mean()  # noqa: E731

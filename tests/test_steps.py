@@ -3,15 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TASK
 
 from tests.tl_reference import assert_grids_match
 from tsds_interp.data import reflective_sft_data, solution_batch, verification_data
-from tsds_interp.metrics import (
-    StepVerificationData,
-    _step_verification_rows,
-    ds_metrics,
-    verification_metrics,
-)
+from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import ModelConfig, build_model, load
 from tsds_interp.pairs import decision_pairs, sampling_pairs
 from tsds_interp.rollout import ACCEPTED, REJECTED, StepRollouts, rollout, sample_steps
@@ -40,8 +36,9 @@ from tsds_interp.task import (
     true_step_tokens,
 )
 from tsds_interp.train import Interrupted, preset_config, train_stage
+from tsds_interp.verification import StepVerificationData, _step_verification_rows, verification_metrics
 
-STEPS = TaskConfig(width=2, budget=2, task_format="steps", train_cells=((1, 1), (1, 2), (2, 1)), ood_cells=((2, 2),))
+STEPS = TaskConfig(**{**TINY_TASK.to_dict(), "task_format": "steps"})
 W3 = TaskConfig(width=3, budget=3, task_format="steps", train_cells=((2, 2), (3, 3)), ood_cells=())
 
 

@@ -6,7 +6,6 @@ import torch
 
 from tsds_interp.cli.verify import main
 from tsds_interp.data import reflective_sft_data, verification_data
-from tsds_interp.metrics import score_candidates, verification_metrics, verification_table
 from tsds_interp.model import load
 from tsds_interp.objectives import sft_terms
 from tsds_interp.task import (
@@ -22,6 +21,7 @@ from tsds_interp.task import (
     rejected_candidate_tokens,
     token_roles,
 )
+from tsds_interp.verification import score_candidates, verification_metrics, verification_table
 
 TASK = TaskConfig(width=2, budget=2, train_cells=((1, 1), (2, 2)), ood_cells=())
 

@@ -33,13 +33,13 @@ from torch import Tensor
 from tsds_interp.ablation import ablation_hook, ablation_sweep, rollout_with_hooks
 from tsds_interp.components import Component, by_label, components
 from tsds_interp.edges import edge_attribution
-from tsds_interp.metrics import decision_scores, score_candidates
 from tsds_interp.model import config_of
 from tsds_interp.pairs import Pairs, own_samples
 from tsds_interp.patching import attribution_patch
 from tsds_interp.rollout import rollout
 from tsds_interp.stats import boot_mean, mean_gap, proportion_difference, wilson, within_auc
 from tsds_interp.task import Questions, TaskConfig, sample_questions
+from tsds_interp.verification import decision_scores, score_candidates
 
 METHODS = ("activation", "attribution", "ablation", "edges")
 

@@ -18,7 +18,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tsds_interp.metrics import decision_scores, score_candidates
 from tsds_interp.model import config_of
 from tsds_interp.rollout import rollout, sample_steps
 from tsds_interp.stats import boot_mean, mean_gap
@@ -39,6 +38,7 @@ from tsds_interp.task import (
     state_tokens,
     true_step_tokens,
 )
+from tsds_interp.verification import decision_scores, score_candidates
 
 
 @dataclass

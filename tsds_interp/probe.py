@@ -31,7 +31,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tsds_interp import checks, stats
-from tsds_interp.metrics import MAX_QUESTIONS, check_sampling
 from tsds_interp.model import config_of
 from tsds_interp.pairs import own_samples
 from tsds_interp.rollout import sample_steps
@@ -46,6 +45,7 @@ from tsds_interp.task import (
     state_tokens,
     true_step_tokens,
 )
+from tsds_interp.verification import MAX_QUESTIONS, check_sampling
 
 POSITIONS = ("prompt_end", "candidate_mean", "decision")
 

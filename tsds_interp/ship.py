@@ -18,8 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from tsds_interp import checks
-from tsds_interp.metrics import heldout_metrics
 from tsds_interp.model import SHIPPED_DIR, CheckpointError, load, replace_dir
+from tsds_interp.verification import heldout_metrics
 
 
 def ship(stage_dir: str | Path, name: str, command: str, dest: Path | None = None, force: bool = False) -> dict:

@@ -6,11 +6,11 @@ import json
 import time
 
 from tsds_interp import cli, probe
-from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES
 from tsds_interp.model import checkpoint_config, load, resolve_checkpoint
 from tsds_interp.plotting import heatmap
 from tsds_interp.probe import MIN_QUESTIONS, probe_study
 from tsds_interp.provenance import run_versions
+from tsds_interp.verification import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES
 
 
 def _parser() -> cli.Parser:

@@ -16,10 +16,10 @@ import time
 import pandas as pd
 
 from tsds_interp import cli
-from tsds_interp.metrics import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, verification_metrics
 from tsds_interp.model import checkpoint_config, load, resolve_checkpoint
 from tsds_interp.plotting import verification_plot
 from tsds_interp.provenance import run_versions
+from tsds_interp.verification import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, verification_metrics
 
 SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "within_auc@2",
            "between_auc", "own_logprob_auc",

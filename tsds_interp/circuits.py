@@ -14,12 +14,14 @@ optionally, by its edges:
 
 :func:`name_circuits` ranks components by the mean over methods of |effect| / the method's largest
 |effect| and names as a function's circuit the components that score clearly higher for it than
-for the other function (components both need are reported as shared). :func:`dissociation` mean-ablates a whole circuit
+for the other function (components both need are reported as shared). :func:`dissociation` ablates a whole circuit
 and measures what it was named for, on held-out questions: the decision's within-question AUC
 (truth vs the unablated model's own wrong samples, teacher-forced, so the candidates stay fixed and
 only the decision can change) and p_s (greedy and sampled first-attempt accuracy from rollouts of
 the ablated model). A decision circuit should move the AUC toward 0.5 and leave p_s; a sampling
-circuit the reverse.
+circuit the reverse. On step models the same holds per state: the true step against the model's own
+wrong steps from that state, and first-attempt step accuracy. Controls are random sets matched in
+type and size (head for head, MLP for MLP); mean- and resample-ablation are both available.
 """
 
 from __future__ import annotations
@@ -36,9 +38,18 @@ from tsds_interp.edges import edge_attribution
 from tsds_interp.model import config_of
 from tsds_interp.pairs import Pairs, own_samples
 from tsds_interp.patching import attribution_patch
-from tsds_interp.rollout import rollout
+from tsds_interp.rollout import rollout, sample_steps
 from tsds_interp.stats import boot_mean, mean_gap, proportion_difference, wilson, within_auc
-from tsds_interp.task import Questions, TaskConfig, sample_questions
+from tsds_interp.task import (
+    Questions,
+    TaskConfig,
+    check_steps,
+    question_states,
+    random_states,
+    sample_questions,
+    state_tokens,
+    true_step_tokens,
+)
 from tsds_interp.verification import decision_scores, score_candidates
 
 METHODS = ("activation", "attribution", "ablation", "edges")
@@ -127,12 +138,46 @@ def shared_components(scores: pd.DataFrame, threshold: float = 0.5) -> list[str]
     return sorted(table.index[(table["decision"] >= threshold) & (table["sampling"] >= threshold)])
 
 
-def mean_ablation_hooks(model, comps: list[Component], reference: Int[Tensor, "batch pos"]) -> list:
-    """Forward hooks replacing each component by its per-position mean over ``reference`` tokens."""
+ABLATIONS = ("mean", "resample")
+
+
+def ablation_hooks(model, comps: list[Component], reference: Int[Tensor, "batch pos"], kind: str = "mean",
+                   seed: int = 0) -> list:
+    """Forward hooks replacing each component by its activation on ``reference`` tokens (other
+    questions or states than the ablated run's): ``mean`` its per-position mean over them,
+    ``resample`` one reference row per ablated row (a seeded permutation, rows cycling)."""
+    if kind not in ABLATIONS:
+        raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {kind!r}")
     names = sorted({c.hook_name for c in comps})
     with torch.no_grad():
         _, cache = model.run_with_cache(reference, names_filter=lambda n: n in names)
-    return [(c.hook_name, ablation_hook(c, c.read(cache[c.hook_name]).mean(0, keepdim=True))) for c in comps]
+    perm = torch.randperm(len(reference), generator=torch.Generator().manual_seed(seed))
+    hooks = []
+    for c in comps:
+        act = c.read(cache[c.hook_name])
+        hooks.append((c.hook_name, ablation_hook(c, act.mean(0, keepdim=True) if kind == "mean" else act[perm])))
+    return hooks
+
+
+def mean_ablation_hooks(model, comps: list[Component], reference: Int[Tensor, "batch pos"]) -> list:
+    """Forward hooks replacing each component by its per-position mean over ``reference`` tokens."""
+    return ablation_hooks(model, comps, reference, "mean")
+
+
+def matched_controls(sets: dict[str, list[Component]], pool: list[Component], n: int, rng: np.random.Generator
+                     ) -> dict[str, list[Component]]:
+    """For each named set, ``n`` random sets from ``pool`` with as many heads and as many MLPs
+    (type- and size-matched; fewer where the pool runs short)."""
+    out = {}
+    for label, comps in sets.items():
+        for i in range(n):
+            pick = []
+            for kind in ("head", "mlp"):
+                want = sum(c.kind == kind for c in comps)
+                of_kind = [c for c in pool if c.kind == kind]
+                pick += [of_kind[j] for j in sorted(rng.choice(len(of_kind), min(want, len(of_kind)), replace=False))]
+            out[f"{label} control {i}"] = pick
+    return out
 
 
 def _decision_questions(task, cells, n: int, seed: int) -> Questions:
@@ -142,37 +187,9 @@ def _decision_questions(task, cells, n: int, seed: int) -> Questions:
     return q[torch.as_tensor(np.sort(keep))]
 
 
-def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], n_questions: int = 512,
-                 samples: int = 32, temperature: float = 1.0, seed: int = 0, n_boot: int = 1000,
-                 controls: int = 1, top1: bool = True) -> pd.DataFrame:
-    """Effects of mean-ablating each circuit, with ``top1`` also its best component alone, and
-    ``controls`` random sets of each of those sizes drawn from the other components: rows (ablated,
-    metric, value, delta, lo, hi, n) with 95% intervals of the change from the unablated model.
-
-    - ``within_auc``: per question of ``cells`` with a wrong sample, the paired AUC of the truth
-      against the unablated model's own wrong samples (``samples`` per question), scored by the
-      ablated decision; bootstrap over questions of the paired change;
-    - ``logit_gap``: the same pairs' mean ACCEPT-REJECT gap;
-    - ``greedy_accuracy`` and ``sample_accuracy`` (p_s at temperature 0 and ``temperature``) over
-      ``n_questions`` held-out questions of every in-distribution cell, rollouts of the ablated
-      model; normal-approximation interval of the difference.
-    """
-    task = config_of(model).task
-    chosen = task.in_distribution(cells)
-    rng = np.random.default_rng(seed)
-    reference = rollout(model, sample_questions(task, "train", 256, seed=seed + 6), task=task, seed=seed).tokens
-    sets = {f"{f} circuit": by_label(model, labels) for f, labels in circuits.items() if labels}
-    if top1:
-        sets.update({f"{f} top component": by_label(model, labels[:1]) for f, labels in circuits.items()
-                     if len(labels) > 1})
-    named = {c for labels in circuits.values() for c in labels}
-    others = [c for c in components(model) if c.label not in named]
-    sizes = sorted({len(v) for v in circuits.values() if v} | ({1} if top1 else set()))
-    for size in sizes:
-        for i in range(controls):
-            pick = rng.choice(len(others), min(size, len(others)), replace=False)
-            sets[f"random {size} (control {i})"] = [others[j] for j in sorted(pick)]
-    # decision: fixed candidates (the unablated model's own samples) on questions of the deciding cells
+def _oneshot_measure(model, task, chosen, n_questions, samples, temperature, seed):
+    """``measure(hooks)`` for one-shot models: within-question AUC and logit gap of the truth vs the
+    unablated model's own wrong answers (fixed), and greedy / sampled first-attempt accuracy."""
     qd = _decision_questions(task, chosen, n_questions, seed + 11)
     sampled = own_samples(model, qd, task, samples, temperature, seed + 12)
     qs = sample_questions(task, "test", n_questions, seed=seed + 13)
@@ -183,19 +200,80 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
             return _hooked(model, hooks, lambda: decision_scores(model, t))
         v = score_candidates(qd, sampled[:, 0], sampled, task, scorer, attempts=1)
         truth, wrong = v.attempts[0]["truth"], v.attempts[0]["wrong"]
-        auc, gap = within_auc(truth, wrong), mean_gap(truth, wrong)
         greedy = rollout_with_hooks(model, qs, hooks, temperature=0.0, **kw).correct[:, 0].numpy().astype(float)
         sample = rollout_with_hooks(model, qs, hooks, temperature=temperature, **kw).correct[:, 0].numpy().astype(float)
-        return dict(within_auc=auc, logit_gap=gap, greedy_accuracy=greedy, sample_accuracy=sample)
+        return dict(within_auc=within_auc(truth, wrong), logit_gap=mean_gap(truth, wrong), greedy_accuracy=greedy,
+                    sample_accuracy=sample)
+    return measure
 
+
+def _step_measure(model, task, chosen, n_questions, samples, temperature, seed):
+    """``measure(hooks)`` for step models: within-state AUC and logit gap of the true step vs the
+    unablated model's own wrong steps from the same state (fixed), and greedy / sampled first-attempt
+    step accuracy (p_s) on held-out states of every cell."""
+    P, L = task.prompt_len, task.answer_len
+    sd = question_states(_decision_questions(task, chosen, n_questions, seed + 11), task, seed + 15)
+    idx = torch.arange(len(sd)).repeat_interleave(samples)
+    own = sample_steps(model, sd[idx], task, temperature, seed=seed + 12)[0][:, P : P + L]
+    wrong = (own <= 9).all(1) & ~check_steps(sd[idx], own.clamp(max=9), task)
+    truth_rows = torch.cat([state_tokens(sd, task), true_step_tokens(sd, task)], 1)
+    wrong_rows = torch.cat([state_tokens(sd[idx[wrong]], task), own[wrong]], 1)
+    owner = idx[wrong].numpy()
+    has = np.unique(owner)
+    ss = random_states(task, "test", n_questions, seed=seed + 13)
+
+    def accuracy(hooks, temp):
+        with model.hooks(fwd_hooks=hooks):
+            steps = sample_steps(model, ss, task, temp, seed=seed + 14, cached=False)[0][:, P : P + L]
+        return (check_steps(ss, steps.clamp(max=9), task) & (steps <= 9).all(1)).numpy().astype(float)
+
+    def measure(hooks):
+        gt = _hooked(model, hooks, lambda: decision_scores(model, truth_rows))[0].numpy()
+        gw = _hooked(model, hooks, lambda: decision_scores(model, wrong_rows))[0].numpy()
+        truth, wrong_scores = gt[has], [gw[owner == q] for q in has]
+        return dict(within_auc=within_auc(truth, wrong_scores), logit_gap=mean_gap(truth, wrong_scores),
+                    greedy_accuracy=accuracy(hooks, 0.0), sample_accuracy=accuracy(hooks, temperature))
+    return measure
+
+
+def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], n_questions: int = 512,
+                 samples: int = 32, temperature: float = 1.0, seed: int = 0, n_boot: int = 1000,
+                 controls: int = 1, top1: bool = True, ablations: tuple[str, ...] = ("mean",)) -> pd.DataFrame:
+    """Effects of ablating each circuit and, with ``top1``, its best component alone, beside
+    ``controls`` type-matched random sets for each (as many heads and MLPs, drawn with ``seed`` from
+    the components of neither circuit; pass a different seed per model). Each ablation kind in
+    ``ablations`` (``mean``, ``resample``: activations from other questions or states) gives its own
+    rows: (ablation, ablated, metric, value, delta, lo, hi, n) with 95% intervals of the change from
+    the unablated model.
+
+    - ``within_auc``: per question (one-shot) or state (steps) of ``cells`` with a wrong candidate,
+      the paired AUC of the truth against the unablated model's own wrong candidates (``samples``
+      each), scored by the ablated decision; bootstrap over questions of the paired change;
+    - ``logit_gap``: the same pairs' mean ACCEPT-REJECT gap;
+    - ``greedy_accuracy`` and ``sample_accuracy`` (p_s at temperature 0 and ``temperature``) over
+      ``n_questions`` held-out questions (states) of every in-distribution cell, produced by the
+      ablated model; normal-approximation interval of the difference.
+    """
+    task = config_of(model).task
+    chosen = task.in_distribution(cells)
+    rng = np.random.default_rng(seed)
+    reference = rollout(model, sample_questions(task, "train", 256, seed=seed + 6), task=task, seed=seed).tokens
+    sets = {f"{f} circuit": by_label(model, labels) for f, labels in circuits.items() if labels}
+    if top1:
+        sets.update({f"{f} top component": by_label(model, labels[:1]) for f, labels in circuits.items()
+                     if len(labels) > 1})
+    named = {c for labels in circuits.values() for c in labels}
+    sets.update(matched_controls(dict(sets), [c for c in components(model) if c.label not in named], controls, rng))
+    make = _step_measure if task.steps else _oneshot_measure
+    measure = make(model, task, chosen, n_questions, samples, temperature, seed)
     base = measure([])
-    rows = [_effect_row("none", m, x, x, rng, n_boot) for m, x in base.items()]
-    for label, comps in sets.items():
-        hit = measure(mean_ablation_hooks(model, comps, reference))
-        rows += [_effect_row(label, m, base[m], hit[m], rng, n_boot) for m in base]
+    rows = [dict(_effect_row("none", m, x, x, rng, n_boot), ablation="none") for m, x in base.items()]
+    for kind in ablations:
+        for label, comps in sets.items():
+            hit = measure(ablation_hooks(model, comps, reference, kind, seed=seed + 17))
+            rows += [dict(_effect_row(label, m, base[m], hit[m], rng, n_boot), ablation=kind) for m in base]
     df = pd.DataFrame(rows)
-    df["components"] = df.ablated.map({k: " ".join(c.label for c in v)
-                                       for k, v in sets.items()}).fillna("")
+    df["components"] = df.ablated.map({k: " ".join(c.label for c in v) for k, v in sets.items()}).fillna("")
     df["cells"] = TaskConfig.format_cells(chosen)
     return df
 

@@ -114,6 +114,13 @@ def _within_gaps(model, q: Questions, sampled: Int[Tensor, "n samples"], task: T
     return mean_gap(v.attempts[0]["truth"], v.attempts[0]["wrong"])
 
 
+def _check_fallback(fallback: bool, k_model: int, what: str, cells) -> None:
+    """Without the corruption fallback, too few of the model's own wrong candidates is an error."""
+    if not fallback:
+        raise ValueError(f"the model made only {k_model} wrong {what} in cells {TaskConfig.cell_names(cells)}; "
+                         "ask for fewer pairs, other cells, a higher temperature, or allow the corruption fallback")
+
+
 def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, cells: str | tuple[str, ...] = "auto",
                    samples: int = 8, temperature: float = 1.0, fallback: bool = True, max_rounds: int = 8
                    ) -> Pairs:
@@ -147,10 +154,7 @@ def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, cells: str | 
     a, b, w = torch.cat(qa)[:n], torch.cat(qb)[:n], torch.cat(wrong)[:n]
     k_model = len(a)
     if k_model < n:
-        if not fallback:
-            raise ValueError(f"the model made only {k_model} wrong samples in cells "
-                             f"{TaskConfig.cell_names(chosen)}; ask for "
-                             "fewer pairs, other cells, a higher temperature, or allow the corruption fallback")
+        _check_fallback(fallback, k_model, "samples", chosen)
         q = sample_questions(task, "test", n - k_model, seed=seed + 7, cells=chosen)
         a, b = torch.cat([a, q.a]), torch.cat([b, q.b])
         w = torch.cat([w, corrupt_digit(q.a * q.b, task, rng)])
@@ -222,10 +226,7 @@ def _step_decision_pairs(model, task: TaskConfig, n: int, seed: int, cells, samp
     s, w = States.cat(states)[:n], torch.cat(wrong)[:n]
     k_model = len(s)
     if k_model < n:
-        if not fallback:
-            raise ValueError(f"the model made only {k_model} wrong steps in cells "
-                             f"{TaskConfig.cell_names(chosen)}; ask for "
-                             "fewer pairs, other cells, a higher temperature, or allow the corruption fallback")
+        _check_fallback(fallback, k_model, "steps", chosen)
         extra = random_states(task, "test", n - k_model, seed=seed + 7, cells=chosen)
         s = States.cat([s, extra])
         w = torch.cat([w, corrupt_step_tokens(true_step_tokens(extra, task), task, np.random.default_rng(seed))])

@@ -206,22 +206,31 @@ def _attempt_scores(scorer: Scorer, task: TaskConfig, prompt, truth, wrong_lists
     return {"q": np.array(qs), "truth": t.numpy(), "wrong": np.split(w.numpy(), np.cumsum(counts)[:-1])}
 
 
+def _row_writer(rows: list[dict], cell: str):
+    """``add(metric, (value, lo, hi), n)`` appending one tidy row of ``cell`` to ``rows``."""
+    def add(metric: str, stat, n) -> None:
+        rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1], hi=stat[2], n=int(n)))
+    return add
+
+
+def _accuracy_rows(add, greedy: np.ndarray, correct: np.ndarray, wrong: np.ndarray, slips: np.ndarray,
+                   rng, n_boot: int) -> None:
+    """Greedy accuracy (Wilson), sampled accuracy and the share of wrong samples that are slips
+    (bootstrap over questions); ``correct``, ``wrong``, ``slips``: question x sample."""
+    nq = len(greedy)
+    add("greedy_accuracy", (greedy.mean() if nq else np.nan, *wilson(greedy.sum(), nq)), nq)
+    add("sample_accuracy", boot_ratio(correct.sum(1).astype(float), np.full(nq, correct.shape[1], float), rng,
+                                      n_boot), correct.size)
+    add("slip_share", boot_ratio(slips.sum(1).astype(float), wrong.sum(1).astype(float), rng, n_boot), wrong.sum())
+
+
 def _verification_rows(v: VerificationData, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
     rows = []
-
-    def add(metric, stat, n):
-        return rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
-                                                       hi=stat[2], n=int(n)))
+    add = _row_writer(rows, cell)
     nq = int(sel.sum())
-    g = v.greedy_correct[sel].astype(float)
-    add("greedy_accuracy", (g.mean(), *wilson(g.sum(), nq)), nq)
-    wf = v.sample_wellformed[sel]
     c = v.sample_correct[sel]
-    add("sample_accuracy", boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot),
-        c.size)
-    wrong = wf & ~c
-    add("slip_share", boot_ratio(v.slip[sel].sum(1).astype(float), wrong.sum(1).astype(float), rng, n_boot),
-        wrong.sum())
+    wrong = v.sample_wellformed[sel] & ~c
+    _accuracy_rows(add, v.greedy_correct[sel].astype(float), c, wrong, v.slip[sel], rng, n_boot)
     for k, att in enumerate(v.attempts, start=1):
         keep = sel[att["q"]]
         truth, wr = att["truth"][keep], [w for w, s in zip(att["wrong"], keep) if s]
@@ -418,18 +427,11 @@ def collect_step_verification(model, questions: Questions, samples: int = 8, tem
 
 def _step_verification_rows(v: StepVerificationData, sel: np.ndarray, cell: str, rng, n_boot: int) -> list[dict]:
     rows = []
-
-    def add(metric, stat, n):
-        return rows.append(dict(cell=cell, metric=metric, value=stat[0], lo=stat[1],
-                                                       hi=stat[2], n=int(n)))
-    nq = int(sel.sum())
-    g = v.greedy_correct[sel].astype(float)
-    add("greedy_accuracy", (g.mean() if nq else np.nan, *wilson(g.sum(), nq)), nq)
-    c, wf = v.sample_correct[sel], v.sample_wellformed[sel]
-    wrong = wf & ~c
-    add("sample_accuracy", boot_ratio(c.sum(1).astype(float), np.full(nq, c.shape[1], float), rng, n_boot), c.size)
-    add("slip_share", boot_ratio((wrong & v.greedy_correct[sel][:, None]).sum(1).astype(float),
-                                  wrong.sum(1).astype(float), rng, n_boot), wrong.sum())
+    add = _row_writer(rows, cell)
+    c = v.sample_correct[sel]
+    wrong = v.sample_wellformed[sel] & ~c
+    _accuracy_rows(add, v.greedy_correct[sel].astype(float), c, wrong, wrong & v.greedy_correct[sel][:, None],
+                   rng, n_boot)
     has = wrong.any(1)
     for name, truth, sample in (("within_auc@1", v.gap_truth, v.gap_sample),
                                 ("own_logprob_auc", v.logprob_truth, v.logprob_sample)):

@@ -1,20 +1,25 @@
 """Circuits: node scores agree with the patching grids, naming rules, dissociation bookkeeping."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from tsds_interp.circuits import (
+    ablation_hooks,
     attribute_components,
     dissociation,
+    matched_controls,
     name_circuits,
     node_scores,
     patch_components,
     shared_components,
 )
-from tsds_interp.components import by_label
+from tsds_interp.components import Component, by_label, components
+from tsds_interp.model import load
 from tsds_interp.pairs import sampling_pairs
 from tsds_interp.patching import activation_patch, attribution_patch
+from tsds_interp.task import TaskConfig
 
 
 def _no_hooks(model):
@@ -57,12 +62,80 @@ def test_dissociation_rows_and_hygiene(random_model):
     circuits = {"decision": ["L1H0", "L0H2"], "sampling": ["L0.mlp"]}
     df = dissociation(random_model, circuits, "1x2,2x1", n_questions=32, samples=4, n_boot=50, controls=1)
     assert set(df.ablated) == {"none", "decision circuit", "sampling circuit", "decision top component",
-                               "random 1 (control 0)", "random 2 (control 0)"}
+                               "decision circuit control 0", "sampling circuit control 0",
+                               "decision top component control 0"}
+    assert set(df.ablation) == {"none", "mean"}
     none = df[df.ablated == "none"]
     assert (none.delta == 0).all()
     assert df[df.ablated == "decision circuit"].components.iloc[0] == "L1H0 L0H2"
-    random2 = df[df.ablated == "random 2 (control 0)"].components.iloc[0].split()
-    assert not set(random2) & {"L1H0", "L0H2", "L0.mlp"}
+    control = df[df.ablated == "decision circuit control 0"].components.iloc[0].split()
+    assert not set(control) & {"L1H0", "L0H2", "L0.mlp"}
+    assert len(control) == 2 and all("H" in c for c in control)  # two heads for two heads
+    assert df[df.ablated == "sampling circuit control 0"].components.iloc[0] == "L1.mlp"  # the only other MLP
     assert _no_hooks(random_model)
     with pytest.raises(ValueError, match="unknown component"):
         by_label(random_model, ["L7H0"])
+
+
+def test_controls_match_type_and_size_and_differ_between_seeds(random_model):
+    comps = components(random_model)
+    named = {"circuit": by_label(random_model, ["L0H1", "L1H2", "L0.mlp"])}
+    pool = [c for c in comps if c.label not in {"L0H1", "L1H2", "L0.mlp"}]
+    draws = [matched_controls(named, pool, 5, np.random.default_rng(seed)) for seed in (0, 1)]
+    for sets in draws:
+        assert len(sets) == 5
+        for chosen in sets.values():
+            assert sorted(c.kind for c in chosen) == ["head", "head", "mlp"]
+            assert set(chosen) <= set(pool) and len(set(chosen)) == 3
+    assert [[c.label for c in v] for v in draws[0].values()] != [[c.label for c in v] for v in draws[1].values()]
+
+
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_ablation_hooks_change_only_the_named_components_and_leave_no_hooks(random_model, kind):
+    task = random_model.tsds_config.task
+    reference = torch.randint(0, 10, (7, task.max_len))
+    tokens = torch.randint(0, 10, (5, task.max_len))
+    target = Component("head", 1, 2)
+    hooks = ablation_hooks(random_model, [target, Component("mlp", 1)], reference, kind, seed=3)
+    names = ["blocks.1.attn.hook_z", "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"]
+    _, ref = random_model.run_with_cache(reference, names_filter=lambda n: n in names)
+    _, clean = random_model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    seen = {}
+
+    def keep(name):
+        return lambda act, hook: seen.__setitem__(name, act.detach().clone())
+    with torch.no_grad():
+        random_model.run_with_hooks(tokens, fwd_hooks=hooks + [(n, keep(n)) for n in names])
+    z_ref = ref["blocks.1.attn.hook_z"][:, :, 2]
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(3))
+    want = z_ref.mean(0, keepdim=True).expand(5, -1, -1) if kind == "mean" else z_ref[perm][torch.arange(5) % 7]
+    torch.testing.assert_close(seen["blocks.1.attn.hook_z"][:, :, 2], want, rtol=0, atol=0)
+    others = [h for h in range(random_model.cfg.n_heads) if h != 2]
+    torch.testing.assert_close(seen["blocks.1.attn.hook_z"][:, :, others], clean["blocks.1.attn.hook_z"][:, :, others],
+                               rtol=0, atol=0)
+    mlp_ref = ref["blocks.1.hook_mlp_out"]
+    want = mlp_ref.mean(0, keepdim=True).expand(5, -1, -1) if kind == "mean" else mlp_ref[perm][torch.arange(5) % 7]
+    torch.testing.assert_close(seen["blocks.1.hook_mlp_out"], want, rtol=0, atol=0)
+    for name in ("blocks.0.attn.hook_z", "blocks.0.hook_mlp_out"):  # upstream of the ablation: untouched
+        torch.testing.assert_close(seen[name], clean[name], rtol=0, atol=0)
+    assert _no_hooks(random_model)
+
+
+def test_step_dissociation_measures_states_and_both_ablations(trained_steps):
+    paths, _ = trained_steps
+    model = load(paths["sft"])
+    task = model.tsds_config.task
+    circuits = {"decision": ["L1H0"], "sampling": ["L0.mlp", "L0H1"]}
+    df = dissociation(model, circuits, TaskConfig.format_cells(task.train_cells), n_questions=24, samples=4,
+                      n_boot=50, controls=2, ablations=("mean", "resample"))
+    assert set(df.ablation) == {"none", "mean", "resample"}
+    assert set(df.metric) == {"within_auc", "logit_gap", "greedy_accuracy", "sample_accuracy"}
+    none = df[(df.ablated == "none")].set_index("metric")
+    assert none.loc["sample_accuracy", "n"] == 24 and 0 <= none.loc["sample_accuracy", "value"] <= 1
+    for kind in ("mean", "resample"):
+        part = df[df.ablation == kind]
+        assert {"sampling circuit control 0", "sampling circuit control 1", "decision circuit control 1"} <= set(
+            part.ablated)
+        ctrl = part[part.ablated == "sampling circuit control 1"].components.iloc[0].split()
+        assert sorted("mlp" in c for c in ctrl) == [False, True] and not set(ctrl) & {"L1H0", "L0.mlp", "L0H1"}
+    assert _no_hooks(model)

@@ -2,15 +2,19 @@
 
     python analyses/circuit_dissociation.py [--seed-runs runs/new_s0 runs/new_s1 runs/new_s2]
         [--labels sft rl] [--pairs 32] [--questions 256] [--eval-questions 1024] [--samples 64]
-        [--k 3] [--margin 0.25] [--out runs/analyses/circuit_dissociation]
+        [--k 3] [--margin 0.25] [--controls 3] [--ablations mean resample]
+        [--out runs/analyses/circuit_dissociation]
+    python analyses/circuit_dissociation.py --labels steps_sft steps_rl        # shipped step models
+    python analyses/circuit_dissociation.py --seed-runs runs/steps_s0 runs/steps_s1 runs/steps_s2
 
 Per model: decision pairs (truth vs the model's own wrong sample, cells where its decision separates
 them) and sampling pairs; every head and MLP scored by exact activation patching, attribution
 patching and mean-ablation during rollouts (:func:`tsds_interp.circuits.node_scores`) and by its
 edges; circuits
 named by :func:`~tsds_interp.circuits.name_circuits`; then each circuit, its top component, and
-random sets of the same sizes mean-ablated on held-out questions
-(:func:`~tsds_interp.circuits.dissociation`).
+``--controls`` random sets matched to each in type and size (head for head, MLP for MLP; drawn with a
+different seed per model) are ablated on held-out questions (step models: states), by mean- and by
+resample-ablation (:func:`~tsds_interp.circuits.dissociation`). Works on one-shot and step models.
 Edge attribution (integrated gradients) of every edge is a fourth vote and is drawn as a pruned
 graph per model and function. Writes ``node_scores.csv``, ``edges.csv``, ``graph_*.png``,
 ``circuits.csv``, ``dissociation.csv``, ``dissociation.png`` and
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zlib
 from pathlib import Path
 
 import matplotlib
@@ -45,7 +50,8 @@ from tsds_interp.pairs import make_pairs  # noqa: E402
 EFFECTS = ("within_auc", "logit_gap", "logit_gap_share", "greedy_accuracy", "sample_accuracy")
 
 
-def study(ckpt: str, args) -> tuple[pd.DataFrame, dict, pd.DataFrame, pd.DataFrame]:
+def study(ckpt: str, args, model_seed: int) -> tuple[pd.DataFrame, dict, pd.DataFrame, pd.DataFrame]:
+    """One model: pairs, edge and node scores, circuits, and the ablation table (controls drawn with ``model_seed``)."""
     model = load(ckpt)
     pairs = {"decision": make_pairs(model, "decision", args.pairs, args.seed),
              "sampling": make_pairs(model, "sampling", args.pairs, args.seed, "all")}
@@ -58,7 +64,7 @@ def study(ckpt: str, args) -> tuple[pd.DataFrame, dict, pd.DataFrame, pd.DataFra
                 cell_rule=pairs["decision"].cell_rule, decision_gap=gap[0], gap_lo=gap[1], gap_hi=gap[2],
                 own_wrong_pairs=pairs["decision"].origin.count("model"))
     effects = dissociation(model, circuits, pairs["decision"].cells, args.eval_questions, args.samples,
-                           seed=args.seed + 1, controls=args.controls)
+                           seed=model_seed, controls=args.controls, ablations=tuple(args.ablations))
     return scores, info, effects, edges
 
 
@@ -73,40 +79,70 @@ def with_gap_share(effects: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([effects, share], ignore_index=True)
 
 
+def kind_of(ablated: str) -> str:
+    """``decision circuit control 2`` -> ``decision circuit (controls)``; named sets unchanged."""
+    return ablated.split(" control ")[0] + " (controls)" if " control " in ablated else ablated
+
+
 def two_by_two(effects: pd.DataFrame) -> pd.DataFrame:
-    """Rows: model x ablated set; columns: each effect as mean [95% interval] over seeds."""
+    """Rows: model x ablation kind x ablated set (controls pooled); columns: each effect as mean
+    [95% interval] over seeds (and controls); one seed and one set: that set's own interval."""
     effects = with_gap_share(effects)
-    eff = effects[effects.ablated != "none"].assign(
-        ablated=lambda d: d.ablated.str.replace(r" \(control \d+\)", "", regex=True).str.replace(
-            r"random (\d+)", r"random \1 (control)", regex=True))
-    if eff.seed.nunique() > 1:
-        agg = over_seeds(eff, "delta", keys=("label", "ablated", "metric"))
+    eff = effects[effects.ablated != "none"].assign(ablated=lambda d: d.ablated.map(kind_of))
+    keys = ("label", "ablation", "ablated", "metric")
+    if eff.groupby(list(keys)).size().max() > 1:
+        agg = over_seeds(eff, "delta", keys=keys)
     else:
         agg = eff.rename(columns={"delta": "mean"}).assign(seeds=1)
     agg["cell"] = [fmt(m, lo, hi) for m, lo, hi in agg[["mean", "lo", "hi"]].to_numpy()]
-    return agg.pivot_table(index=["label", "ablated"], columns="metric", values="cell", aggfunc="first",
-                           sort=False)[list(EFFECTS)]
+    return agg.pivot_table(index=["label", "ablation", "ablated"], columns="metric", values="cell",
+                           aggfunc="first", sort=False)[list(EFFECTS)]
+
+
+def targets(effects: pd.DataFrame) -> pd.DataFrame:
+    """The dissociation targets per model and ablation kind, from the seed means: the decision circuit
+    lowers within_auc by >= 0.25 with |change of p_s| <= 0.05, the sampling circuit lowers p_s
+    (sample_accuracy) by >= 0.30 with |change of within_auc| <= 0.05, each beyond its controls."""
+    eff = effects[effects.ablated != "none"].assign(ablated=lambda d: d.ablated.map(kind_of))
+    m = eff.groupby(["label", "ablation", "ablated", "metric"]).delta.mean().unstack("metric")
+    rows = []
+    for (label, kind), part in m.groupby(level=["label", "ablation"]):
+        part = part.droplevel(["label", "ablation"])
+        for f, main, side, need in (("decision", "within_auc", "sample_accuracy", -0.25),
+                                    ("sampling", "sample_accuracy", "within_auc", -0.30)):
+            if f"{f} circuit" not in part.index:
+                continue
+            own = part.loc[f"{f} circuit"]
+            ctrl = part.loc[f"{f} circuit (controls)"] if f"{f} circuit (controls)" in part.index else None
+            beyond = ctrl is not None and own[main] < ctrl[main]
+            rows.append(dict(label=label, ablation=kind, circuit=f, main=main, change=own[main],
+                             controls=None if ctrl is None else ctrl[main], side=side, side_change=own[side],
+                             met=bool(own[main] <= need and abs(own[side]) <= 0.05 and beyond)))
+    return pd.DataFrame(rows)
 
 
 def figure(effects: pd.DataFrame, path: Path) -> None:
-    eff = effects[effects.ablated.str.startswith(("decision", "sampling"))]
-    eff = with_gap_share(eff)
-    fig, axes = plt.subplots(1, len(EFFECTS), figsize=(4 * len(EFFECTS), 3.4))
+    """Per effect: the change when each circuit (circle) or its top component (square) is ablated,
+    one point per seed with its 95% interval, beside the mean over its matched controls (grey)."""
+    eff = with_gap_share(effects[effects.ablated != "none"]).assign(ablated=lambda d: d.ablated.map(kind_of))
+    eff = eff.groupby(["label", "ablation", "ablated", "metric", "seed"], sort=False).agg(
+        delta=("delta", "mean"), lo=("lo", "mean"), hi=("hi", "mean")).reset_index()
+    groups = list(eff.groupby(["label", "ablation", "ablated"], sort=False).groups)
+    fig, axes = plt.subplots(1, len(EFFECTS), figsize=(4.5 * len(EFFECTS), 4.2))
     for ax, metric in zip(axes, EFFECTS):
         part = eff[eff.metric == metric]
-        for i, (key, g) in enumerate(part.groupby(["label", "ablated"], sort=False)):
+        for i, key in enumerate(groups):
+            g = part[(part.label == key[0]) & (part.ablation == key[1]) & (part.ablated == key[2])]
             x = i + 0.08 * (g.seed.to_numpy() - g.seed.mean())
-            ax.errorbar(x, g.delta, yerr=[g.delta - g.lo, g.hi - g.delta], fmt="o", capsize=2,
-                        color="C0" if key[1].startswith("decision") else "C1",
-                        marker="o" if key[1].endswith("circuit") else "s")
-        ax.set_xticks(range(part.groupby(["label", "ablated"]).ngroups),
-                      [f"{a}\n{b.replace(' component', '').replace(' circuit', '')}"
-                       for a, b in part.groupby(["label", "ablated"], sort=False).groups],
-                      fontsize=8)
+            color = "grey" if "controls" in key[2] else "C0" if key[2].startswith("decision") else "C1"
+            ax.errorbar(x, g.delta, yerr=[(g.delta - g.lo).clip(lower=0), (g.hi - g.delta).clip(lower=0)], fmt="none",
+                        capsize=2, color=color, marker="s" if "top" in key[2] else "o")
+        ax.set_xticks(range(len(groups)), [f"{a} {b}\n{c.replace(' component', '').replace(' circuit', '')}"
+                                           for a, b, c in groups], fontsize=6, rotation=90)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title(f"change in {metric}")
-    fig.suptitle("Mean-ablating each circuit (blue: decision, orange: sampling; circles: circuit, squares: its top "
-                 "component); one point per seed, 95% intervals")
+    fig.suptitle("Ablating each circuit (blue: decision, orange: sampling, grey: its type-matched controls; "
+                 "squares: top component); one point per seed, 95% intervals")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -122,7 +158,9 @@ def _parser() -> cli.Parser:
     p.add_argument("--samples", type=cli.integer(1), default=64, help="own samples per decision question")
     p.add_argument("--k", type=cli.integer(1), default=3, help="largest circuit size")
     p.add_argument("--margin", type=cli.real(0, 1), default=0.25)
-    p.add_argument("--controls", type=cli.integer(1), default=2, help="random component sets per size")
+    p.add_argument("--controls", type=cli.integer(1), default=3,
+                   help="type- and size-matched random sets per named set")
+    p.add_argument("--ablations", nargs="+", choices=("mean", "resample"), default=["mean", "resample"])
     p.add_argument("--graph-edges", type=cli.integer(1), default=12, help="edges drawn per circuit graph")
     p.add_argument("--seed", type=cli.SEED, default=0)
     p.add_argument("--out", type=cli.out_dir, default="runs/analyses/circuit_dissociation",
@@ -141,7 +179,8 @@ def _run(args, argv=None) -> int:
             tag = dict(label=label, seed=seed, checkpoint=ckpt)
             stem = parts / f"{label}_s{seed}"
             if not (done := Path(f"{stem}.json")).is_file():  # each model's results are kept: a rerun resumes
-                scores, info, effects, edges = study(ckpt, args)
+                model_seed = args.seed + 1 + 1000 * seed + zlib.crc32(label.encode()) % 997  # per model
+                scores, info, effects, edges = study(ckpt, args, model_seed)
                 scores.to_csv(f"{stem}_scores.csv", index=False)
                 effects.to_csv(f"{stem}_effects.csv", index=False)
                 edges.to_csv(f"{stem}_edges.csv", index=False)
@@ -175,8 +214,11 @@ def _run(args, argv=None) -> int:
         top_edges.to_markdown(index=False, floatfmt=".3f"), "",
         "## Unablated models (deciding cells for within_auc / logit_gap, all cells for accuracies)", "",
         base.to_markdown(floatfmt=".3f"), "",
-        "## Change when a circuit is mean-ablated (mean over seeds, 95% t-interval; one seed: its own interval)", "",
-        two_by_two(effects).to_markdown(), ""])
+        "## Change when a set is ablated (mean over seeds, and over the controls of a set; 95% t-interval; one "
+        "seed and set: its own interval)", "",
+        two_by_two(effects).to_markdown(), "",
+        "## Dissociation targets (seed means; `met`: the size rule holds and the circuit beats its controls)", "",
+        targets(effects).to_markdown(index=False, floatfmt=".3f"), ""])
     (out / "summary.md").write_text(text)
     print(text)
     return 0

@@ -32,11 +32,15 @@ SHOWN = ("p_s_first", "p_d_given_c", "p_d_given_w", "realized_accuracy", "within
 
 
 def decomposition(metrics: pd.DataFrame, budget: int = 3) -> pd.DataFrame:
+    """RL - SFT gain split per seed, then mean over seeds; step models also at the episode level."""
+    levels = ("step", "episode") if "mean_calls" in set(metrics.metric) else ("step",)
     parts = []
     for seed in sorted(metrics.seed.unique()):
         m = metrics[metrics.seed == seed]
-        parts.append(gain_decomposition(m[m.label == "sft"], m[m.label == "rl"], budget).assign(seed=seed))
-    return over_seeds(pd.concat(parts), keys=("cell", "part"))
+        for level in levels:
+            parts.append(gain_decomposition(m[m.label == "sft"], m[m.label == "rl"], budget, level=level
+                                            ).assign(seed=seed))
+    return over_seeds(pd.concat(parts), keys=("level", "cell", "part"))
 
 
 def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path) -> None:
@@ -45,6 +49,7 @@ def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path) -> None:
     for ax, metric in zip(axes, SHOWN):
         cell_points(ax, anatomy, metric, ("sft", "rl"), cells)
     ax = axes[-1]
+    dec = dec[dec.level == "step"]
     for i, part_name in enumerate(("sampling", "decision", "total")):
         part = dec[dec.part == part_name].set_index("cell").reindex([c for c in cells if c in set(dec.cell)])
         x = [j + (i - 1) * 0.25 for j in range(len(part))]
@@ -63,7 +68,7 @@ def summary(anatomy: pd.DataFrame, dec: pd.DataFrame, command: str) -> str:
     wide = anatomy[anatomy.metric.isin(SHOWN)].assign(v=lambda d: [fmt(*r) for r in d[["mean", "lo", "hi"]].values])
     table = wide.pivot_table(index="cell", columns=["label", "metric"], values="v", aggfunc="first", sort=False)
     dwide = dec.assign(v=lambda d: [fmt(*r) for r in d[["mean", "lo", "hi"]].values])
-    dtable = dwide.pivot_table(index="cell", columns="part", values="v", aggfunc="first", sort=False)
+    dtable = dwide.pivot_table(index=["level", "cell"], columns="part", values="v", aggfunc="first", sort=False)
     seeds = int(anatomy.seeds.max())
     return "\n".join([
         "# Reflection anatomy: SFT vs RL", "", f"Command: `{command}`", "",
@@ -71,6 +76,7 @@ def summary(anatomy: pd.DataFrame, dec: pd.DataFrame, command: str) -> str:
         + ("over seeds." if seeds > 1 else "over questions (Wilson)."), "",
         table.to_markdown(), "",
         "## RL-minus-SFT predicted accuracy (budget 3), split into sampling and decision parts", "",
+        "(level `episode`, step models only: predicted episode accuracy A ** mean calls per cell)", "",
         dtable[["total", "sampling", "decision"]].to_markdown(), ""])
 
 

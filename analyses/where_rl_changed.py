@@ -38,14 +38,12 @@ from _common import checkpoint_groups, fmt, over_seeds  # noqa: E402
 
 from tsds_interp import cli
 from tsds_interp.ablation import rollout_with_hooks, transplant_hooks  # noqa: E402
+from tsds_interp.circuits import function_measure  # noqa: E402
 from tsds_interp.components import by_label  # noqa: E402
 from tsds_interp.gradient_split import parameter_groups  # noqa: E402
 from tsds_interp.metrics import ds_metrics  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
-from tsds_interp.pairs import own_samples  # noqa: E402
-from tsds_interp.stats import within_auc  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
-from tsds_interp.verification import decision_scores, score_candidates  # noqa: E402
 
 SHOWN = ("within_auc", "p_d_given_w", "p_d_given_c", "realized_accuracy", "p_s")
 
@@ -63,14 +61,10 @@ def weight_change(sft, rl) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def measure(model, hooks, q, sampled, kw) -> dict[str, float]:
-    """Within-question AUC on fixed candidates and the DS rates of full rollouts, with ``hooks``."""
-    def scorer(tokens):
-        with model.hooks(fwd_hooks=hooks):
-            return decision_scores(model, tokens)
-
-    v = score_candidates(q, sampled[:, 0], sampled, kw["task"], scorer, attempts=1)
-    auc = within_auc(v.attempts[0]["truth"], v.attempts[0]["wrong"])
+def measure(model, hooks, fixed, q, kw) -> dict[str, float]:
+    """Within-question (step models: within-state) AUC on fixed candidates and the DS rates of full
+    rollouts, with ``hooks``."""
+    auc = fixed(hooks)["within_auc"]
     ds = ds_metrics(rollout_with_hooks(model, q, hooks, **kw)).query("cell == 'all'").set_index("metric").value
     return {"within_auc": float(auc.mean()), **{m: float(ds[m]) for m in SHOWN if m != "within_auc"}}
 
@@ -79,14 +73,16 @@ def transplant(sft, rl, circuits: dict[str, list[str]], questions: int, samples:
                ) -> pd.DataFrame:
     task = config_of(sft).task
     q = sample_questions(task, "test", questions, seed=10_007 + seed)
-    sampled = own_samples(sft, q, task, samples, 1.0, seed + 1)
     kw = dict(task=task, seed=seed)
-    rows = [dict(model=name, components="", **measure(m, [], q, sampled, kw)) for name, m in (("sft", sft), ("rl", rl))]
+    fixed = {name: function_measure(m, task.train_cells, questions, samples, seed=seed + 1, candidates_from=sft)
+             for name, m in (("sft", sft), ("rl", rl))}  # both score the SFT model's own candidates
+    rows = [dict(model=name, components="", **measure(m, [], fixed[name], q, kw))
+            for name, m in (("sft", sft), ("rl", rl))]
     for function, labels in circuits.items():
         if labels:
             hooks = transplant_hooks(rl, by_label(rl, labels))
             rows.append(dict(model=f"sft + rl {function} circuit", components=" ".join(labels),
-                             **measure(sft, hooks, q, sampled, kw)))
+                             **measure(sft, hooks, fixed["sft"], q, kw)))
     df = pd.DataFrame(rows).melt(id_vars=["model", "components"], value_vars=list(SHOWN), var_name="metric")
     base = df[df.model == "sft"].set_index("metric").value
     full = df[df.model == "rl"].set_index("metric").value

@@ -88,7 +88,6 @@ def test_gain_decomposition_adds_up_and_isolates_each_part():
 
     from tsds_interp.metrics import gain_decomposition
 
-
     def frame(p, c, w):
         return pd.DataFrame([dict(cell="2x2", metric=m, value=v, n=400)
                              for m, v in (("p_s", p), ("p_d_given_c", c), ("p_d_given_w", w))])
@@ -101,3 +100,11 @@ def test_gain_decomposition_adds_up_and_isolates_each_part():
     both = gain_decomposition(base, frame(0.6, 0.9, 0.5), budget=3).set_index("part")
     assert both.loc["sampling", "value"] + both.loc["decision", "value"] == pytest.approx(both.loc["total", "value"])
     assert both.loc["total", "lo"] < both.loc["total", "value"] < both.loc["total", "hi"]
+    calls = pd.DataFrame([dict(cell="2x2", metric="mean_calls", value=m, n=400) for m in (2.0,)])
+    ep = gain_decomposition(pd.concat([base, calls]), pd.concat([frame(0.6, 0.9, 0.5), calls.assign(value=3.0)]),
+                            budget=3, level="episode").set_index("part")
+    a0, a1 = (float(predicted_accuracy(*x, 3)) for x in ((0.4, 0.8, 0.3), (0.6, 0.9, 0.5)))
+    assert ep.loc["total", "value"] == pytest.approx(a1**2.5 - a0**2.5)  # calls: the two models' mean
+    assert ep.loc["sampling", "value"] + ep.loc["decision", "value"] == pytest.approx(ep.loc["total", "value"])
+    with pytest.raises(ValueError, match="level"):
+        gain_decomposition(base, base, budget=3, level="call")

@@ -187,11 +187,11 @@ def _decision_questions(task, cells, n: int, seed: int) -> Questions:
     return q[torch.as_tensor(np.sort(keep))]
 
 
-def _oneshot_measure(model, task, chosen, n_questions, samples, temperature, seed):
+def _oneshot_measure(model, task, chosen, n_questions, samples, temperature, seed, source):
     """``measure(hooks)`` for one-shot models: within-question AUC and logit gap of the truth vs the
     unablated model's own wrong answers (fixed), and greedy / sampled first-attempt accuracy."""
     qd = _decision_questions(task, chosen, n_questions, seed + 11)
-    sampled = own_samples(model, qd, task, samples, temperature, seed + 12)
+    sampled = own_samples(source, qd, task, samples, temperature, seed + 12)
     qs = sample_questions(task, "test", n_questions, seed=seed + 13)
     kw = dict(task=task, budget=1, seed=seed + 14)
 
@@ -207,14 +207,14 @@ def _oneshot_measure(model, task, chosen, n_questions, samples, temperature, see
     return measure
 
 
-def _step_measure(model, task, chosen, n_questions, samples, temperature, seed):
+def _step_measure(model, task, chosen, n_questions, samples, temperature, seed, source):
     """``measure(hooks)`` for step models: within-state AUC and logit gap of the true step vs the
     unablated model's own wrong steps from the same state (fixed), and greedy / sampled first-attempt
     step accuracy (p_s) on held-out states of every cell."""
     P, L = task.prompt_len, task.answer_len
     sd = question_states(_decision_questions(task, chosen, n_questions, seed + 11), task, seed + 15)
     idx = torch.arange(len(sd)).repeat_interleave(samples)
-    own = sample_steps(model, sd[idx], task, temperature, seed=seed + 12)[0][:, P : P + L]
+    own = sample_steps(source, sd[idx], task, temperature, seed=seed + 12)[0][:, P : P + L]
     wrong = (own <= 9).all(1) & ~check_steps(sd[idx], own.clamp(max=9), task)
     truth_rows = torch.cat([state_tokens(sd, task), true_step_tokens(sd, task)], 1)
     wrong_rows = torch.cat([state_tokens(sd[idx[wrong]], task), own[wrong]], 1)
@@ -234,6 +234,19 @@ def _step_measure(model, task, chosen, n_questions, samples, temperature, seed):
         return dict(within_auc=within_auc(truth, wrong_scores), logit_gap=mean_gap(truth, wrong_scores),
                     greedy_accuracy=accuracy(hooks, 0.0), sample_accuracy=accuracy(hooks, temperature))
     return measure
+
+
+def function_measure(model, cells, n_questions: int = 512, samples: int = 32, temperature: float = 1.0,
+                     seed: int = 0, candidates_from=None):
+    """``measure(hooks) -> {within_auc, logit_gap, greedy_accuracy, sample_accuracy}`` (per question
+    or state arrays) of ``model`` run with forward ``hooks``: the decision on fixed candidates (the
+    truth against the hook-free model's own wrong candidates, or those of ``candidates_from``; questions
+    or states of ``cells``) and first-attempt accuracy of what the hooked model writes (every
+    in-distribution cell)."""
+    task = config_of(model).task
+    make = _step_measure if task.steps else _oneshot_measure
+    return make(model, task, task.in_distribution(cells) if isinstance(cells, str) else tuple(cells),
+                n_questions, samples, temperature, seed, candidates_from or model)
 
 
 def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], n_questions: int = 512,
@@ -264,8 +277,7 @@ def dissociation(model, circuits: dict[str, list[str]], cells: str | list[str], 
                      if len(labels) > 1})
     named = {c for labels in circuits.values() for c in labels}
     sets.update(matched_controls(dict(sets), [c for c in components(model) if c.label not in named], controls, rng))
-    make = _step_measure if task.steps else _oneshot_measure
-    measure = make(model, task, chosen, n_questions, samples, temperature, seed)
+    measure = function_measure(model, chosen, n_questions, samples, temperature, seed)
     base = measure([])
     rows = [dict(_effect_row("none", m, x, x, rng, n_boot), ablation="none") for m, x in base.items()]
     for kind in ablations:

@@ -227,18 +227,18 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
     return df.pivot(index="cell", columns="metric", values="value")[df.metric.unique()]
 
 
-def _gain_parts(draws, budget: int):
+def _gain_parts(draws, budget: int, calls: float = 1.0):
     (p0, c0, w0), (p1, c1, w1) = draws
 
     def acc(p, c, w):
-        return predicted_accuracy(p, c, w, budget)
+        return predicted_accuracy(p, c, w, budget) ** calls
     samp = (acc(p1, c0, w0) - acc(p0, c0, w0) + acc(p1, c1, w1) - acc(p0, c1, w1)) / 2
     dec = (acc(p0, c1, w1) - acc(p0, c0, w0) + acc(p1, c1, w1) - acc(p1, c0, w0)) / 2
     return samp + dec, samp, dec
 
 
 def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n_boot: int = 2000,
-                       seed: int = 0) -> pd.DataFrame:
+                       seed: int = 0, level: str = "step") -> pd.DataFrame:
     """Split the predicted-accuracy gain from ``before`` to ``after`` (two :func:`ds_metrics`
     frames) into a sampling part and a decision part, per cell.
 
@@ -247,7 +247,13 @@ def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n
     ``sampling = [A(p1, d0) - A(p0, d0) + A(p1, d1) - A(p0, d1)] / 2`` and likewise for decision;
     they add up to ``A(p1, d1) - A(p0, d0)``. 95% intervals from a parametric bootstrap of the
     six proportions (their counts are the ``n`` column).
+
+    ``level="episode"`` (step-format frames): the same split of the predicted *episode* accuracy
+    ``A(p_s, d) ** m``, an episode being right when each of its ``m`` calls takes a right step, with
+    ``m`` the cell's ``mean_calls`` averaged over the two models (calls treated as independent).
     """
+    if level not in ("step", "episode"):
+        raise ValueError(f"level must be 'step' or 'episode', got {level!r}")
     rng = np.random.default_rng(seed)
     keys = ("p_s", "p_d_given_c", "p_d_given_w")
     rows = []
@@ -262,9 +268,13 @@ def gain_decomposition(before: pd.DataFrame, after: pd.DataFrame, budget: int, n
         if any(np.isnan(v) or n == 0 for model in vals for v, n in model):
             continue
 
-        point = _gain_parts([[v for v, _ in model] for model in vals], budget)
-        boot = _gain_parts([[rng.binomial(n, v, n_boot) / n for v, n in model] for model in vals], budget)
+        calls = 1.0
+        if level == "episode":
+            calls = np.mean([float(f[(f.cell == cell) & (f.metric == "mean_calls")].value.iloc[0])
+                             for f in (before, after)])
+        point = _gain_parts([[v for v, _ in model] for model in vals], budget, calls)
+        boot = _gain_parts([[rng.binomial(n, v, n_boot) / n for v, n in model] for model in vals], budget, calls)
         for name, value, draws in zip(("total", "sampling", "decision"), point, boot):
             lo, hi = percentile_interval(draws)
-            rows.append(dict(cell=cell, part=name, value=float(value), lo=float(lo), hi=float(hi)))
+            rows.append(dict(cell=cell, part=name, value=float(value), lo=float(lo), hi=float(hi), level=level))
     return pd.DataFrame(rows)

@@ -3,6 +3,7 @@ directions equals ``transformer_lens.patching``, attribution patching equals Tra
 ``attribution_patch``, cached rollouts equal uncached ones, and the own-weights fast path is taken
 exactly where it reproduces the model (asserted per configuration) and never past a user's hook."""
 
+import logging
 import os
 
 import pytest
@@ -72,6 +73,22 @@ def test_the_fast_path_is_taken_exactly_where_it_is_exact(model):
     expected = CONFIGS[name][1]
     reason = refusal(m)
     assert reason is None if expected is None else expected in reason, reason
+
+
+def test_each_fast_path_logs_the_path_it_takes(model, caplog):
+    """Rollouts, head x position patching and the training forward say which forward ran: the
+    own-weights one exactly where it is exact, the hooked one elsewhere (a silent fallback fails)."""
+    name, m = model
+    m(pairs()[0])
+    want = "own-weights forward" if CONFIGS[name][1] is None else "hooked forward"
+    with caplog.at_level(logging.DEBUG, logger="tsds_interp"):
+        rollout(m, sample_questions(TASK, "train", 4, seed=0), task=TASK, seed=0)
+        activation_patch(m, *pairs(), metric, "head_pos")
+        forward = fast_forward(m, "training")
+    for what in ("rollout", "head_pos patching", "training"):
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{what}: ")]
+        assert said and all(want in x for x in said), (what, said)
+    assert (forward is m) == (want == "hooked forward")
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

@@ -117,6 +117,7 @@ def test_patch_cli(model, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "top decision components" in text and "top sampling components" in text
     assert {"patching.csv", "run.json", "decision_head.png", "sampling_head.png"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "run.json").read_text())["fast_path"] == "own weights (exact)"
     assert patch_main(["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--out", str(out),
                        "--method", "attribution", "--granularity", "layer", "--function", "sampling"]) == 0
     edges = tmp_path / "edges"

@@ -17,6 +17,7 @@ def test_tiny_pipeline_runs_every_stage(trained_tiny):
     for name in ("base", "sft", "rl"):
         assert (out / name / "metrics.csv").is_file()
         load(paths[name])
+        assert json.loads((out / name / "run.json").read_text())["forward"] == "own weights"  # the fast path ran
     rows = [json.loads(r) for r in (out / "rl" / "log.jsonl").read_text().splitlines()]
     assert any("eval_realized_accuracy" in r for r in rows) and all(math.isfinite(r["loss"]) for r in rows)
 

@@ -129,3 +129,30 @@ class _ScriptedPolicy(torch.nn.Module):
 def _task_with_budget(task, k):
     from tsds_interp.task import TaskConfig
     return TaskConfig(**{**task.to_dict(), "budget": k})
+
+
+def test_cache_on_real_episodes_matches_the_full_forward(trained_tiny):
+    """A trained model's long, well-formed episodes (ACCEPT and REJECT both taken, decision
+    temperature apart from the sampling one): the cached decode gives the uncached tokens and
+    log-probs, and the cache's logits equal a full forward at every position."""
+    from tsds_interp.forward import KVCache, use_own_weights
+    from tsds_interp.model import load
+
+    paths, _ = trained_tiny
+    model = load(paths["sft"])
+    assert use_own_weights(model, "rollout")
+    task = model.tsds_config.task
+    q = sample_questions(task, "test", 256, seed=4)
+    kw = dict(task=task, temperature=1.3, decision_temperature=2.0, seed=11)
+    cached, uncached = rollout(model, q, cached=True, **kw), rollout(model, q, cached=False, **kw)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    torch.testing.assert_close(cached.logprobs, uncached.logprobs, rtol=0, atol=1e-4)
+    assert (cached.n_attempts > 1).any() and not cached.malformed.all()  # the episodes the test needs
+    assert (cached.decisions == ACCEPTED).any() and (cached.decisions == REJECTED).any()
+    tokens = cached.tokens[:32]
+    cache = KVCache(model, len(tokens), task.max_len)
+    with torch.no_grad():
+        full = model(tokens)
+        got = [cache.prefill(tokens[:, : task.prompt_len])]
+        got += [cache.step(tokens[:, t]) for t in range(task.prompt_len, task.max_len - 1)]
+    torch.testing.assert_close(torch.stack(got, 1), full[:, task.prompt_len - 1 : -1], rtol=1e-4, atol=1e-4)

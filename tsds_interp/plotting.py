@@ -14,8 +14,8 @@ import seaborn as sns  # noqa: E402
 
 def heatmap(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: str,
             value: str = "value", annot: bool = True, label: str | None = None) -> Path:
-    """Annotated diverging heatmap of ``value`` over ``rows`` x ``cols`` (summed if repeated);
-    ``label`` names the colour bar (default: ``value``)."""
+    """Annotated diverging heatmap of ``value`` over ``rows`` x ``cols`` (summed if repeated), centred
+    at 0; ``label`` names the colour bar (default: ``value``)."""
     table = df.pivot_table(index=rows, columns=cols, values=value, aggfunc="sum")
     width = max(4.0, 0.45 * table.shape[1] + 2)
     fig, ax = plt.subplots(figsize=(width, max(3.0, 0.5 * table.shape[0] + 1.5)))
@@ -24,6 +24,31 @@ def heatmap(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: str
                 annot=annot and table.size <= 400, fmt=".2f", annot_kws={"size": 7},
                 cbar_kws={"label": label or value})
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def auc_panels(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: str, value: str = "probe_auc",
+               control: str | None = None) -> Path:
+    """One heatmap of an AUC per ``cell`` of ``df`` (all cells first), on the AUC's own scale: 0 to 1
+    centred at chance (0.5); each panel's title gives the cell and the largest ``n`` behind it, and
+    the ``control`` column (one that must score chance) is labelled as such."""
+    cells = ["all"] + sorted(c for c in df.cell.unique() if c != "all")
+    fig, axes = plt.subplots(1, len(cells), figsize=(2.2 * len(cells) + 1.5, 3.6), squeeze=False, sharey=True)
+    for i, (ax, cell) in enumerate(zip(axes[0], cells)):
+        part = df[df.cell == cell]
+        table = part.pivot_table(index=rows, columns=cols, values=value, aggfunc="mean")
+        if control in table.columns:
+            table = table.rename(columns={control: f"{control}\n(control)"})
+        sns.heatmap(table, ax=ax, cmap="RdBu_r", center=0.5, vmin=0, vmax=1, annot=table.size <= 60, fmt=".2f",
+                    annot_kws={"size": 6}, cbar=i == len(cells) - 1, cbar_kws={"label": "within-question AUC"})
+        ax.set_title(f"{cell} (n={int(part['n'].max()) if len(part) else 0})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i:
+            ax.set_ylabel("")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

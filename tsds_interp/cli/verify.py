@@ -47,6 +47,39 @@ def _parser() -> cli.Parser:
     return p
 
 
+MIN_PAIRED = 30  # questions (states) with a wrong sample below which a within AUC is flagged as noisy
+
+
+def console_table(df: pd.DataFrame, metrics: tuple[str, ...]) -> str:
+    """Pooled (``all``) and ``hard`` values with their 95% intervals and counts, one metric per line;
+    a blank where a cell has no data (e.g. no wrong samples) says so."""
+    cols = [c for c in ("all", "hard") if c in set(df.cell)]
+    rows = []
+    for metric in metrics:
+        line = {"metric": metric}
+        for cell in cols:
+            r = df[(df.cell == cell) & (df.metric == metric)]
+            if r.empty or pd.isna(r.value.iloc[0]):
+                line[cell] = "— (no data: n=0)" if r.empty or int(r.n.iloc[0]) == 0 else "— (undefined)"
+            else:
+                v = r.iloc[0]
+                line[cell] = f"{v.value:.3f} [{v.lo:.3f}, {v.hi:.3f}] n={int(v.n)}"
+        rows.append(line)
+    return pd.DataFrame(rows).to_string(index=False)
+
+
+def small_sample_notes(df: pd.DataFrame, metric: str) -> list[str]:
+    """One line per cell whose ``metric`` rests on fewer than ``MIN_PAIRED`` questions or has no data."""
+    notes = []
+    for r in df[df.metric == metric].itertuples():
+        if r.n == 0 or pd.isna(r.value):
+            notes.append(f"note: {metric} in {r.cell} is undefined: no question there had a wrong sample")
+        elif r.n < MIN_PAIRED:
+            notes.append(f"note: {metric} in {r.cell} rests on {int(r.n)} questions (interval {r.lo:.2f}-{r.hi:.2f}); "
+                         "raise --questions before reading it")
+    return notes
+
+
 def _verify(args) -> int:
     task = checkpoint_config(args.checkpoint).task
     cells = tuple(c.strip() for c in args.cells.split(",")) if args.cells else None
@@ -63,11 +96,12 @@ def _verify(args) -> int:
     df.to_csv(out / "verification.csv", index=False)
     verification_plot(df, out / "verification.png", f"Does the decision verify? ({path.name})")
     summary = STEP_SUMMARY if task.steps else SUMMARY
-    table = df[df.metric.isin(summary)].pivot(index="metric", columns="cell", values="value").reindex(summary)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print(f"verification of {path} on {args.questions} held-out questions x {args.samples} samples, "
-              f"{elapsed:.1f}s")
-        print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+    print(f"verification of {path} on {args.questions} held-out questions x {args.samples} samples, "
+          f"{elapsed:.1f}s")
+    print(console_table(df, summary))
+    notes = small_sample_notes(df, "within_auc@1")
+    if notes:
+        print("\n" + "\n".join(notes))
     (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
                                               "elapsed_s": elapsed, "versions": run_versions()}, indent=2))
     print(f"\nwrote {out}/verification.csv, verification.png, run.json")

@@ -226,7 +226,12 @@ def prune(edges: pd.DataFrame, top: int = 12) -> pd.DataFrame:
 
 
 def draw_graph(edges: pd.DataFrame, model, path, title: str = "circuit") -> None:
-    """Nodes by layer (bottom: embed, top: logits), edges as lines: width ~ |score|, red +, blue -."""
+    """Nodes by layer (bottom: embed, top: logits); each edge an arrow from source to target, width
+    ~ |score|, red where it raises the metric and blue where it lowers it, curved so that edges
+    along one column stay apart. Nodes on a drawn edge are black and labelled, the rest grey."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch
+
     writers, readers = nodes(model)
     H = model.cfg.n_heads
     pos = {}
@@ -234,20 +239,29 @@ def draw_graph(edges: pd.DataFrame, model, path, title: str = "circuit") -> None
         x = {"embed": H / 2, "logits": H / 2, "mlp": H + 0.6}.get(n.kind, n.head if n.head is not None else 0)
         y = n.layer + (0.5 if n.kind == "mlp" else 0)
         pos[n.label] = (x, y)
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = plt.subplots(figsize=(6.5, 6.5))
     lim = edges.score.abs().max() or 1.0
-    for r in edges.itertuples():
-        (x0, y0), (x1, y1) = pos[r.source], pos[r.target]
-        ax.plot([x0, x1], [y0, y1], color="tab:red" if r.score > 0 else "tab:blue",
-                lw=0.5 + 5 * abs(r.score) / lim, alpha=0.7, zorder=1)
+    for k, r in enumerate(edges.itertuples()):
+        arrow = FancyArrowPatch(pos[r.source], pos[r.target], arrowstyle="-|>", mutation_scale=10,
+                                connectionstyle=f"arc3,rad={0.15 + 0.05 * (k % 3)}", shrinkA=7, shrinkB=7,
+                                color="tab:red" if r.score > 0 else "tab:blue", lw=0.5 + 4 * abs(r.score) / lim,
+                                alpha=0.75, zorder=1)
+        ax.add_patch(arrow)
     used = set(edges.source) | set(edges.target)
     for name, (x, y) in pos.items():
-        ax.scatter(x, y, s=260 if name in used else 60, color="black" if name in used else "lightgrey", zorder=2)
-        if name in used:
-            ax.annotate(name, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8)
+        on = name in used
+        ax.scatter(x, y, s=200 if on else 40, color="black" if on else "lightgrey", zorder=2)
+        ax.annotate(name, (x, y), xytext=(6, 4), textcoords="offset points", fontsize=8 if on else 6,
+                    color="black" if on else "grey")
     ax.set_yticks(np.arange(-1, model.cfg.n_layers + 1), ["embed", *range(model.cfg.n_layers), "logits"])
+    ax.set_ylabel("layer")
     ax.set_xticks([])
-    ax.set_title(title)
+    ax.set_xlim(-0.8, H + 1.6)
+    ax.legend(handles=[Line2D([], [], color="tab:red", lw=2, label="raises the metric"),
+                       Line2D([], [], color="tab:blue", lw=2, label="lowers it"),
+                       Line2D([], [], color="grey", lw=0.5, label=f"width ~ |score| (max {lim:.3g})")],
+              loc="lower right", fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

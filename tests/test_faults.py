@@ -138,3 +138,99 @@ def test_ctrl_c_during_patching_exits_130_with_one_line_and_writes_nothing(tmp_p
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "interrupted; nothing more was written"
     assert not out.exists()
+
+
+def test_output_folders_that_belong_to_something_else_are_refused(random_model, tmp_path, monkeypatch):
+    from tsds_interp import checks
+    from tsds_interp.cli import probe as probe_cli
+    from tsds_interp.cli import train as train_cli
+
+    save(random_model, tmp_path / "ck")
+    stage = tmp_path / "stage"
+    (stage / "checkpoint").mkdir(parents=True)
+    (stage / "run.json").write_text("{}")
+    for bad, owner in ((tmp_path / "ck", "is a model checkpoint"), (tmp_path / "ck" / "sub", "is a model checkpoint"),
+                       (stage, "is a training stage folder"), (stage / "probe", "is a training stage folder"),
+                       (checks.PACKAGE_CHECKPOINTS / "x", "holds the shipped checkpoints")):
+        with pytest.raises(ValueError, match=owner):
+            checks.out_dir(bad)
+    assert checks.out_dir(stage, stage=True) == stage  # a stage is its own output (to resume)
+    with pytest.raises(ValueError, match="model checkpoint"):
+        checks.out_dir(tmp_path / "ck", stage=True)
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    assert probe_cli.main(["--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "ck")]) == 2
+    assert train_cli.main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "ck" / "x")]) == 2
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    with pytest.raises(ValueError, match="no device index"):
+        checks.device("cpu:7")
+
+
+def test_a_second_training_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    from tsds_interp.checkpointing import StageLock
+    from tsds_interp.cli import train as train_cli
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "stage"
+        out.mkdir()
+        (out / ".lock").write_text(str(holder.pid))
+        args = ["pretrain", "--preset", "tiny", "--steps", "2", "--eval-questions", "8", "--quiet", "--out", str(out)]
+        assert train_cli.main(args) == 2
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert not (out / "checkpoint").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train_cli.main(args) == 0  # the holder is gone: its lock is stale
+    assert not (out / ".lock").exists()
+    with StageLock(tmp_path / "other") as lock:
+        assert lock.path.read_text() == str(os.getpid())
+    assert not lock.path.exists()
+
+
+def test_ship_never_lists_a_model_that_is_not_there(trained_tiny, tmp_path, monkeypatch):
+    from tsds_interp import ship as ship_module
+    from tsds_interp.model import shipped_names
+
+    paths, out = trained_tiny
+    dest = tmp_path / "shipped"
+    ship_module.ship(out / "sft", "first", "cmd", dest=dest)
+    manifest = (dest / "manifest.json").read_text()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ship_module, "replace_dir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ship_module.ship(out / "rl", "second", "cmd", dest=dest)
+    assert (dest / "manifest.json").read_text() == manifest and not (dest / "second").exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["first", "heldout_metrics.csv", "manifest.json"]
+    (dest / ".second.abc").mkdir()  # what a SIGKILL would leave
+    (dest / ".second.abc" / "config.json").write_text("{}")
+    monkeypatch.setattr("tsds_interp.model.SHIPPED_DIR", dest)
+    assert shipped_names() == ["first"]
+    monkeypatch.undo()
+    ship_module.ship(out / "rl", "second", "cmd", dest=dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["first", "heldout_metrics.csv", "manifest.json", "second"]
+
+
+def test_a_task_of_another_layout_than_the_models_is_refused(random_model):
+    from tsds_interp.rollout import rollout
+    from tsds_interp.task import TaskConfig, sample_questions
+
+    task = random_model.tsds_config.task
+    wide = TaskConfig(**{**task.to_dict(), "width": task.width + 1})
+    with pytest.raises(ValueError, match="width=3 but the model was trained with 2"):
+        rollout(random_model, sample_questions(wide, "test", 4, seed=0), task=wide)
+    one = TaskConfig(**{**task.to_dict(), "budget": 1})
+    r = rollout(random_model, sample_questions(task, "test", 4, seed=0), task=one)
+    assert r.tokens.shape[1] < task.max_len  # another budget is a legitimate override
+
+
+def test_hf_save_random_never_writes_over_a_project_checkpoint(random_model, tmp_path):
+    from tsds_interp.hf import save_random
+
+    save(random_model, tmp_path / "ck")
+    before = (tmp_path / "ck" / "config.json").read_text()
+    with pytest.raises(ValueError, match="model checkpoint"):
+        save_random("gpt2", tmp_path / "ck", ["a", "b"])
+    assert (tmp_path / "ck" / "config.json").read_text() == before

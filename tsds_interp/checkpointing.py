@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -56,6 +57,55 @@ class StopRequested:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+class StageLock:
+    """``OUT/.lock`` holding this process's pid while it trains into ``OUT``: a second training on the
+    same folder is refused with the holder's pid; a lock left by a process that no longer runs is
+    taken over."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.path, self.enabled = Path(out) / ".lock", enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(self.path)
+                if holder is not None:
+                    raise ValueError(f"{self.path.parent} is being trained into by another process (pid {holder}); "
+                                     "wait for it to finish or choose another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise ValueError(f"could not take the lock {self.path}; remove it if no training runs there")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid in a lock file if that process still runs (and is not this one), else None."""
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
 
 
 def check_stage_folder(out: Path, resume: bool) -> None:

@@ -57,6 +57,8 @@ def device(name: str, flag: str = "device") -> torch.device:
     except (RuntimeError, ValueError, TypeError):
         raise ValueError(f"{flag} {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise ValueError(f"{flag} {name!r}: the CPU has no device index; use cpu")
         return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -78,7 +80,36 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def out_dir(path: str | os.PathLike, flag: str = "out") -> Path:
+PACKAGE_CHECKPOINTS = Path(__file__).parent / "checkpoints"
+
+
+def _owner(path: Path) -> str | None:
+    """What already owns ``path`` or a folder above it: a checkpoint, the shipped package, a training stage."""
+    path = path.absolute()
+    for folder in (path, *path.parents):
+        if folder == PACKAGE_CHECKPOINTS.absolute():
+            return f"{folder} holds the shipped checkpoints"
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return f"{folder} is a model checkpoint"
+        if folder != path and (folder / "checkpoint").is_dir() and (folder / "run.json").is_file():
+            return f"{folder} is a training stage folder"
+    if (path / "checkpoint").is_dir() and (path / "run.json").is_file():
+        return f"{path} is a training stage folder"
+    return None
+
+
+def out_dir(path: str | os.PathLike, flag: str = "out", stage: bool = False) -> Path:
+    """A folder that is, or can be created as, a writable folder that belongs to no checkpoint, no
+    training stage (unless ``stage``: the training stage itself may be its own output) and not the
+    shipped package (nothing is created here)."""
+    path = writable_dir(path, flag)
+    owner = _owner(path)
+    if owner and not (stage and owner == f"{path.absolute()} is a training stage folder"):
+        raise ValueError(f"{flag} {path}: {owner}, whose files this would overwrite; give a fresh folder")
+    return path
+
+
+def writable_dir(path: str | os.PathLike, flag: str = "out") -> Path:
     """A folder that is, or can be created as, a writable folder (nothing is created here)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -96,7 +127,7 @@ def out_file(path: str | os.PathLike, flag: str = "out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; give a file name")
-    out_dir(path.parent, flag)
+    writable_dir(path.parent, flag)
     return path
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tsds_interp import checks
+
 ARCHITECTURES = ("gpt2", "llama")
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
 
@@ -37,6 +39,7 @@ def save_random(architecture: str, folder: str | os.PathLike, words: list[str], 
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    checks.out_dir(folder, "folder")  # never over a project checkpoint, stage or the shipped package
     tokenizer = word_tokenizer(words)
     ids = dict(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)

@@ -138,9 +138,23 @@ def config_of(model) -> ModelConfig:
     """The :class:`ModelConfig` a model was built from."""
     cfg = getattr(model, "tsds_config", None)
     if cfg is None:
-        raise ValueError("this model was not built by tsds_interp.model.build_model/load; "
-                         "pass a ModelConfig or TaskConfig explicitly")
+        raise ValueError("this model was not built by tsds_interp.model.build_model/load, so it has no task; "
+                         "pass task=TaskConfig(...) where the function takes one, or use tsds_interp.traces")
     return cfg
+
+
+def task_of(model, task: TaskConfig | None = None) -> TaskConfig:
+    """``task``, checked against the model's own task where the model has one (the width, format and
+    answer order fix the token layout), or the model's task when ``task`` is None."""
+    own = getattr(model, "tsds_config", None)
+    if task is None:
+        return config_of(model).task
+    if own is not None:
+        for field_name in ("width", "task_format", "answer_order"):
+            if getattr(task, field_name) != getattr(own.task, field_name):
+                raise ValueError(f"the task has {field_name}={getattr(task, field_name)!r} but the model was trained "
+                                 f"with {getattr(own.task, field_name)!r}; pass the model's task (or none)")
+    return task
 
 
 def save(model, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -172,7 +186,7 @@ def check_save_target(path: Path) -> None:
     if path.is_dir() and any(path.iterdir()) and not is_checkpoint(path):
         raise ValueError(f"{path} holds files that are not a tsds_interp checkpoint; save into a new or "
                          "empty folder, or over a checkpoint")
-    checks.out_dir(path, "checkpoint folder")
+    checks.writable_dir(path, "checkpoint folder")
 
 
 def check_finite(model) -> None:
@@ -237,7 +251,8 @@ def recover_dir(dst: Path) -> bool:
 def shipped_names() -> list[str]:
     if not SHIPPED_DIR.is_dir():
         return []
-    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "config.json").is_file())
+    return sorted(p.name for p in SHIPPED_DIR.iterdir()
+                  if not p.name.startswith(".") and (p / "config.json").is_file())  # not ship's temp folders
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:

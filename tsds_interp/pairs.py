@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tsds_interp.model import config_of
+from tsds_interp.model import config_of, task_of
 from tsds_interp.rollout import rollout, sample_steps
 from tsds_interp.stats import boot_mean, mean_gap
 from tsds_interp.task import (
@@ -137,6 +137,7 @@ def decision_pairs(model, task: TaskConfig, n: int, seed: int = 0, cells: str | 
     """
     if n < 1:
         raise ValueError(f"asked for {n} pairs; ask for at least 1")
+    task = task_of(model, task)
     if task.steps:
         return _step_decision_pairs(model, task, n, seed, cells, samples, temperature, fallback, max_rounds)
     rule, chosen = _choose_cells(model, task, cells, samples, temperature, seed)

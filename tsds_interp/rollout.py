@@ -21,7 +21,7 @@ from torch import Tensor
 
 from tsds_interp import checks
 from tsds_interp.forward import KVCache, use_own_weights
-from tsds_interp.model import config_of
+from tsds_interp.model import task_of
 from tsds_interp.task import (
     ACCEPT,
     EOS,
@@ -148,7 +148,7 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
 
 
 def _rollout_settings(model, questions, task, budget, temperature, decision_temperature, seed, batch_size):
-    task = task or config_of(model).task
+    task = task_of(model, task)
     if budget is not None:
         task = TaskConfig(**{**task.to_dict(), "budget": budget})
     if len(questions) == 0:
@@ -326,6 +326,7 @@ def sample_steps(model, states: States, task: TaskConfig, temperature: float = 1
     """One attempt (``BOS state step decision EOS``) per state, as :func:`rollout` draws them
     (KV-cached where exact unless ``cached=False``, temperature 0 greedy); tokens and their
     log-probs at temperature 1."""
+    task = task_of(model, task)
     if len(states) == 0:
         raise ValueError("no states to sample steps from; pass at least one")
     checks.number("temperature", temperature, lo=0, hi=100)

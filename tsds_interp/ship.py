@@ -54,13 +54,16 @@ def ship(stage_dir: str | Path, name: str, command: str, dest: Path | None = Non
     table = pd.concat([table, metrics.assign(model=name)], ignore_index=True)
 
     dest.mkdir(parents=True, exist_ok=True)
+    for stale in dest.glob(f".{name}.*"):  # a temp folder left by a killed ship
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest))
     try:
         for f in ("model.safetensors", "config.json"):
             shutil.copyfile(ckpt / f, tmp / f)
-        _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
-        _write_atomic(table_path, table.to_csv(index=False))
+        # The checkpoint first, the index last: the manifest never lists a model that is not there.
         replace_dir(tmp, dest / name)
+        _write_atomic(table_path, table.to_csv(index=False))
+        _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

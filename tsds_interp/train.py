@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from tsds_interp.checkpointing import (
     Interrupted,
+    StageLock,
     StopRequested,
     cached_tokens,
     check_resumable,
@@ -282,8 +283,14 @@ def save_checkpoint(s: Stage, out: Path) -> None:
 def run_stage(s: Stage, out, resume: bool = False, quiet: bool = False, stop_after: int | None = None,
               init=None, ref=None) -> Path:
     """Train ``s`` to ``cfg.steps`` in ``out`` (or stop after ``stop_after`` steps, as an interrupt would)."""
-    cfg, out, first = s.cfg, Path(out), s.dist.is_first
+    out = Path(out)
     check_stage_folder(out, resume)
+    with StageLock(out, enabled=s.dist.is_first):
+        return _train_loop(s, out, resume, quiet, stop_after, init, ref)
+
+
+def _train_loop(s: Stage, out: Path, resume: bool, quiet: bool, stop_after: int | None, init, ref) -> Path:
+    cfg, first = s.cfg, s.dist.is_first
     if resume:
         check_resumable(out / "checkpoint", cfg)
         s.step = restore_training_checkpoint(out / "checkpoint", s.model, s.opt, s.sched)

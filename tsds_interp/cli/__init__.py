@@ -84,7 +84,10 @@ def _checked(check: Callable, doc: str):
 
 
 device = _checked(lambda text, name: str(checks.device(text, name)), "Flag type: a device this machine has.")
-out_dir = _checked(checks.out_dir, "Flag type: a folder that can be written (nothing is created while parsing).")
+out_dir = _checked(checks.out_dir, "Flag type: a folder that can be written and belongs to no checkpoint, "
+                   "training stage or the shipped package (nothing is created while parsing).")
+stage_dir = _checked(lambda text, name: checks.out_dir(text, name, stage=True),
+                     "Flag type: a training stage folder (new, or its own to resume).")
 out_file = _checked(checks.out_file, "Flag type: a file whose folder can be written.")
 
 

@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     p = cli.Parser("python -m tsds_interp.train", train.__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=(*STAGES, "pipeline"))
     p.add_argument("--preset", default="small", choices=list(PRESETS))
-    p.add_argument("--out", required=True, type=cli.out_dir, help="stage folder (pipeline: parent of base/sft/rl)")
+    p.add_argument("--out", required=True, type=cli.stage_dir, help="stage folder (pipeline: parent of base/sft/rl)")
     p.add_argument("--init", help="checkpoint to start sft/rl from (folder or shipped name)")
     p.add_argument("--ref", help="reference model for the RL KL penalty (default: --init)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from tl_reference import assert_attribution_matches, assert_grids_match
@@ -80,7 +81,11 @@ def test_patch_returns_a_tidy_table(hf_model):
     df = patch(model, clean, corrupted, metric, "head_pos")
     cfg = model.cfg
     assert len(df) == cfg.n_layers * clean.shape[1] * cfg.n_heads
-    assert set(df.columns) >= {"layer", "pos", "head", "value", "method", "direction"}
+    assert set(df.columns) >= {"layer", "pos", "head", "effect", "metric_after", "base_metric", "method", "direction"}
+    with torch.no_grad():
+        base = float(metric(model(corrupted)))
+    assert df.base_metric.eq(base).all()
+    assert np.allclose(df.effect, df.metric_after - base, atol=1e-6)
 
 
 def test_ds_counts_of_hand_made_traces():

@@ -56,18 +56,21 @@ def auc_panels(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: 
 
 
 def gradient_mass_bars(summary: pd.DataFrame, path: str | Path, title: str = "Gradient mass by role") -> Path:
-    """Grouped bars of |g_sample| and |g_decision| per objective (log scale), imbalance index on top."""
-    long = summary.melt(id_vars="objective", value_vars=["norm_sample", "norm_decision"],
-                        var_name="role", value_name="gradient norm")
-    long["role"] = long["role"].str.removeprefix("norm_")
-    fig, ax = plt.subplots(figsize=(1.4 * len(summary) + 2.5, 4))
-    sns.barplot(long, x="objective", y="gradient norm", hue="role", ax=ax, palette=["#4c72b0", "#dd8452"])
-    ax.set_yscale("log")
+    """Per objective, on a linear 0-1 scale: the decision tokens' share of the gradient mass
+    ``|g_d| / (|g_s| + |g_d|)`` (bar) beside their share of the tokens (black tick), so that the
+    imbalance index (written on top) is the bar over the tick; the norms themselves are in the table."""
+    fig, ax = plt.subplots(figsize=(1.3 * len(summary) + 2.5, 4))
+    x = range(len(summary))
+    ax.bar(x, summary["decision_mass_share"], color="#dd8452", label="decision share of gradient mass")
+    ax.scatter(x, summary["decision_token_share"], marker="_", s=900, color="black", zorder=3,
+               label="decision share of tokens")
     for i, v in enumerate(summary["imbalance_index"]):
-        ax.annotate(f"I={v:.2f}", (i, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                    fontsize=8)
+        ax.annotate(f"I={v:.2f}", (i, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), summary["objective"], rotation=20)
+    ax.set(ylim=(0, 1), ylabel="share")
+    ax.axhline(0.5, color="grey", lw=0.6, ls=":")
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
     ax.set_title(title, pad=18)
-    ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -143,15 +143,24 @@ def ds_counts(tokens, roles, accept: int, reject: int,
 def patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor], grid: str = "head",
           method: str = "activation", direction: str = "denoise", **kw) -> pd.DataFrame:
     """Patch every cell of ``grid`` (:data:`tsds_interp.patching.GRIDS`) from the clean into the
-    corrupted run (``denoise``) or back (``noise``): exact (``activation``: the metric after the
-    patch) or first-order (``attribution``: its estimated change). Tidy rows with ``value``."""
+    corrupted run (``denoise``) or back (``noise``). Tidy rows with ``effect``: the change of the
+    metric from the unpatched base run, exact (``activation``) or first-order (``attribution``), the
+    same column as in ``patch``'s ``patching.csv``; ``metric_after`` (activation only) is the metric
+    with the cell patched, and ``base_metric`` the base run's."""
     if grid not in GRIDS:
         raise ValueError(f"unknown patching grid {grid!r}; choose one of {', '.join(GRIDS)}")
     clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
+    with torch.no_grad():
+        base = float(metric(model(corrupted if direction == "denoise" else clean)))
     if method == "activation":
-        values = activation_patch(model, clean, corrupted, metric, grid, direction, **kw)
+        after = activation_patch(model, clean, corrupted, metric, grid, direction, **kw)
+        df = to_frame(after - base, grid, method=method, direction=direction).rename(columns={"value": "effect"})
+        df["metric_after"] = after.flatten().numpy()
     elif method == "attribution":
-        values = attribution_patch(model, clean, corrupted, metric, grid, direction, **kw)
+        effect = attribution_patch(model, clean, corrupted, metric, grid, direction, **kw)
+        df = to_frame(effect, grid, method=method, direction=direction).rename(columns={"value": "effect"})
+        df["metric_after"] = float("nan")
     else:
         raise ValueError(f"method must be activation or attribution, got {method!r}")
-    return to_frame(values, grid, method=method, direction=direction)
+    df["base_metric"] = base
+    return df

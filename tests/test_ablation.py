@@ -70,3 +70,23 @@ def test_transplanting_the_changed_component_reproduces_the_source(tiny_cfg):
             got = target(tokens)
     assert not torch.allclose(want, target(tokens))
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_the_label_rule_on_a_hand_made_table():
+    """A metric counts when |delta| >= threshold and its interval excludes 0; p_s makes a sampling
+    component, p_d_given_c or p_d_given_w a decision one."""
+    import pandas as pd
+
+    from tsds_interp.ablation import label_components
+
+    def rows(comp, **deltas):  # metric -> (delta, lo, hi)
+        return [dict(component=comp, metric=m, delta=d, lo=lo, hi=hi) for m, (d, lo, hi) in deltas.items()]
+    table = pd.DataFrame(
+        rows("S", p_s=(-0.3, -0.4, -0.2), p_d_given_c=(0.01, -0.02, 0.04))
+        + rows("D", p_s=(0.0, -0.01, 0.01), p_d_given_w=(0.2, 0.1, 0.3))
+        + rows("B", p_s=(-0.1, -0.15, -0.05), p_d_given_c=(-0.08, -0.1, -0.06))
+        + rows("small", p_s=(-0.04, -0.05, -0.03))                  # significant but below the threshold
+        + rows("noisy", p_s=(-0.3, -0.6, 0.1), p_d_given_w=(0.2, -0.1, 0.5)))  # large, interval spans 0
+    labels = label_components(table, threshold=0.05).set_index("component").label.to_dict()
+    assert labels == {"S": "sampling", "D": "decision", "B": "both", "small": "neither", "noisy": "neither"}
+    assert label_components(table, threshold=0.03).set_index("component").label["small"] == "sampling"

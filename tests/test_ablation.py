@@ -90,3 +90,14 @@ def test_the_label_rule_on_a_hand_made_table():
     labels = label_components(table, threshold=0.05).set_index("component").label.to_dict()
     assert labels == {"S": "sampling", "D": "decision", "B": "both", "small": "neither", "noisy": "neither"}
     assert label_components(table, threshold=0.03).set_index("component").label["small"] == "sampling"
+
+
+def test_zero_ablation_zeroes_exactly_the_named_slice(random_model):
+    c = Component("head", 1, 2)
+    act = torch.randn(3, 7, random_model.cfg.n_heads, random_model.cfg.d_head)
+    out = ablation_hook(c, None)(act, None)
+    assert (out[:, :, 2] == 0).all() and torch.equal(out[:, :, [0, 1, 3]], act[:, :, [0, 1, 3]])
+    assert act[:, :, 2].abs().sum() > 0  # the input is untouched
+    mean = act.mean(0, keepdim=True)
+    out = ablation_hook(Component("mlp", 0), mean)(act, None)
+    assert torch.equal(out, mean.expand_as(act))

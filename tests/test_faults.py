@@ -234,3 +234,27 @@ def test_hf_save_random_never_writes_over_a_project_checkpoint(random_model, tmp
     with pytest.raises(ValueError, match="model checkpoint"):
         save_random("gpt2", tmp_path / "ck", ["a", "b"])
     assert (tmp_path / "ck" / "config.json").read_text() == before
+
+
+def test_malformed_torchrun_variables_and_storage_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from tsds_interp import cli
+    from tsds_interp.cli import train as train_cli
+
+    for env, words in ((dict(RANK="abc"), "RANK='abc' is not an integer"),
+                       (dict(WORLD_SIZE="0"), "WORLD_SIZE=0 must be at least 1"),
+                       (dict(RANK="3", WORLD_SIZE="2"), "RANK=3 but WORLD_SIZE=2")):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert train_cli.main(["pretrain", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not (tmp_path / "x" / "checkpoint").exists()
+
+    def full_disk():
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+    assert cli.run(full_disk) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not write or read tensors") and len(err.strip().splitlines()) == 1

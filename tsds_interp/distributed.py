@@ -17,8 +17,9 @@ import torch.distributed as dist
 class Dist:
     """Rank, world size and device of this process (one process: rank 0 of 1)."""
     def __init__(self, device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.world, self.rank = _env_int("WORLD_SIZE", 1, 1), _env_int("RANK", 0, 0)
+        if self.rank >= self.world:
+            raise ValueError(f"RANK={self.rank} but WORLD_SIZE={self.world}; launch with torchrun, which sets both")
         self.device = device
         if self.world > 1:
             if device.startswith("cuda"):
@@ -54,6 +55,19 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def _env_int(name: str, default: int, lo: int) -> int:
+    """An integer environment variable set by ``torchrun`` (``default`` when unset)."""
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"the environment variable {name}={text!r} is not an integer; unset it or launch "
+                         "with torchrun") from None
+    if value < lo:
+        raise ValueError(f"the environment variable {name}={value} must be at least {lo}")
+    return value
 
 
 def close() -> None:

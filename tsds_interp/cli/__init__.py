@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from safetensors import SafetensorError
+
 from tsds_interp import checks
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
@@ -35,7 +37,13 @@ def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], i
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    """Rank 0 of a ``torchrun`` job, or a single process (malformed ``RANK`` / ``WORLD_SIZE`` count as
+    rank 0, so that the error about them is printed)."""
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return True
+    return rank == 0 or not 0 <= rank < world
 
 
 def say(line: str) -> None:
@@ -105,6 +113,9 @@ def run(body: Callable[[], int | None]) -> int:
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         say(f"error: {e.strerror or e}{where}")
+        return EXIT_BAD_INPUT
+    except SafetensorError as e:  # storage errors while writing tensors (a full disk, a file-size limit)
+        say(f"error: could not write or read tensors: {_one_line(e)}; check the disk space and limits")
         return EXIT_BAD_INPUT
 
 

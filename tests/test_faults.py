@@ -258,3 +258,19 @@ def test_malformed_torchrun_variables_and_storage_errors_are_one_line(tmp_path, 
     assert cli.run(full_disk) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not write or read tensors") and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_interrupt_stops_at_once(tmp_path):
+    """One SIGINT finishes the step and checkpoints; a second one (say, during a long evaluation)
+    raises at once; the handlers are restored afterwards."""
+    from tsds_interp.checkpointing import StopRequested
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequested() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.flag
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -43,7 +43,8 @@ class Interrupted(Exception):
 
 
 class StopRequested:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so a step is never cut in half; a
+    second signal (e.g. Ctrl-C again during a long evaluation) stops at once, keeping the last checkpoint."""
     def __init__(self):
         self.flag = False
 
@@ -52,6 +53,8 @@ class StopRequested:
         return self
 
     def _set(self, *_):
+        if self.flag:
+            raise KeyboardInterrupt
         self.flag = True
 
     def __exit__(self, *exc):

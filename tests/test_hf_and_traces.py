@@ -10,6 +10,7 @@ from tl_reference import assert_attribution_matches, assert_grids_match
 from tsds_interp.forward import refusal
 from tsds_interp.gradient_split import role_gradients
 from tsds_interp.hf import boot, save_random
+from tsds_interp.patching import activation_patch
 from tsds_interp.traces import ds_counts, patch, role_attribution, traces
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -39,9 +40,28 @@ def contrast():
     return clean, corrupted
 
 
-def test_hf_models_are_refused_by_the_fast_path(hf_model):
+def test_the_fast_path_takes_gpt2_and_refuses_llama(hf_model, caplog):
+    """GPT-2's layout (LayerNorm, learned positions, gelu_new, Conv1D-stored weights) runs on the
+    own weights, equal to the hooked forward; Llama's (RMSNorm, rotary, grouped-query, gated MLP) is
+    refused and takes the hooked path; each says so in the log."""
+    import logging
+
+    from tsds_interp.forward import OwnWeights
+
     name, model = hf_model
-    assert "architecture" in refusal(model)
+    clean, _ = contrast()
+    with torch.no_grad():
+        reference = model(clean)
+    if name == "gpt2":
+        assert refusal(model) is None
+        with torch.no_grad():
+            torch.testing.assert_close(OwnWeights(model).logits(clean), reference, rtol=0, atol=1e-5)
+    else:
+        assert "normalization_type" in refusal(model) or "architecture" in refusal(model)
+    with caplog.at_level(logging.DEBUG, logger="tsds_interp"):
+        activation_patch(model, *contrast(), metric, "head_pos")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("head_pos patching: ")]
+    assert said and ("own-weights" in said[0]) == (name == "gpt2")
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

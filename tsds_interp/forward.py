@@ -6,7 +6,10 @@ decoding) is several times faster. It is used only where it computes exactly wha
 
 - every field of the model's config is either known not to change the computation or holds a
   value this module implements (an allow-list: an unknown field or value refuses);
-- the weights have exactly the names of a ``TransformerBridge.boot_native`` model;
+- the architecture is one whose weight layout this module knows (``LAYOUTS``: a native
+  ``TransformerBridge.boot_native`` model, or a GPT-2 model booted from HuggingFace, whose attention
+  output and MLP weights the bridge keeps in GPT-2's transposed ``Conv1D`` layout) and the weights
+  have exactly the names of that layout;
 - no hook is attached to the model (a user's hook would be skipped).
 
 :func:`refusal` says why a model is refused (``None``: accepted); every caller then falls back to
@@ -29,7 +32,7 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_new": lambd
 # Config fields whose value this module implements: the values it accepts, or a test of the value.
 ACCEPTED = {
     "attention_dir": ("causal",), "normalization_type": ("LN",), "positional_embedding_type": ("standard",),
-    "architecture": ("TransformerLensNative",), "use_attn_scale": (True,), "n_devices": (1,),
+    "use_attn_scale": (True,), "n_devices": (1,),
     "attn_scores_soft_cap": (None, -1, 0), "output_logits_soft_cap": (None, -1, 0), "scale_embedding": (None, False),
     **dict.fromkeys(("attn_only", "use_local_attn", "final_rms", "gated_mlp", "is_audio_model", "is_multimodal",
                      "is_stateful", "is_visual_model", "load_in_4bit", "parallel_attn_mlp", "post_embedding_ln",
@@ -38,7 +41,10 @@ ACCEPTED = {
     **dict.fromkeys(("attn_types", "window_size", "num_experts", "per_layer_head_dim",
                      "per_layer_num_key_value_heads", "rotary_dim", "experts_per_token"), (None,)),
 }
+# Weight layouts by architecture: the weights stored as (in, out) rather than torch's (out, in).
+LAYOUTS = {"TransformerLensNative": (), "GPT2LMHeadModel": ("attn.o", "mlp.in", "mlp.out")}
 TESTS = {
+    "architecture": lambda v, c: v in LAYOUTS,
     "act_fn": lambda v, c: v in ACTIVATIONS,
     "attn_scale": lambda v, c: v == -1 or math.isclose(v, math.sqrt(c.d_head), rel_tol=1e-12),  # -1: sqrt(d_head)
     "d_vocab_out": lambda v, c: v in (-1, c.d_vocab),
@@ -58,6 +64,7 @@ NEUTRAL = {
     "rotary_adjacent_pairs", "rotary_interleaved_cos_sin", "qk_norm_after_rope", "NTK_by_parts_factor",
     "NTK_by_parts_high_freq_factor", "NTK_by_parts_low_freq_factor", "relative_attention_max_distance",
     "relative_attention_num_buckets", "vision_hidden_size", "vision_num_heads", "vision_num_layers",
+    "bos_token_id", "eos_token_id", "pad_token_id",
 }
 
 
@@ -71,8 +78,8 @@ def weight_names(n_layers: int) -> set[str]:
 
 def hooks_attached(model) -> bool:
     """Whether a user's hook is attached: any hook on a hook point (TransformerLens's ``add_hook``,
-    ``hooks()``, ``run_with_hooks``), any other module hook not installed by TransformerLens itself
-    (the bridge wires capture hooks into its blocks), or a global module hook."""
+    ``hooks()``, ``run_with_hooks``), any other module hook not installed by the libraries themselves
+    (``LIBRARY_HOOK_MODULES``), or a global module hook."""
     from torch.nn.modules import module as nn_module
     from transformer_lens.hook_points import HookPoint
 
@@ -87,8 +94,13 @@ def hooks_attached(model) -> bool:
     return False
 
 
+# Hooks the libraries install themselves: TransformerLens's capture wiring, and HuggingFace's output
+# capturing (it records outputs for ``output_attentions`` and the like, and changes nothing).
+LIBRARY_HOOK_MODULES = ("transformer_lens.", "transformers.utils.output_capturing")
+
+
 def _library_hook(fn) -> bool:
-    return getattr(fn, "__module__", "").startswith("transformer_lens.")
+    return getattr(fn, "__module__", "").startswith(LIBRARY_HOOK_MODULES)
 
 
 def refusal(model) -> str | None:
@@ -125,10 +137,14 @@ def use_own_weights(model, what: str) -> bool:
 
 
 class OwnWeights:
-    """The weights of a native model by name (live parameters: differentiable) and its blocks."""
+    """The weights of a model in a known layout by name, as torch's (out, in) linear weights (live
+    parameters or views of them: differentiable, and updated in place by an optimizer), and its blocks."""
     def __init__(self, model):
         self.cfg = model.cfg
         self.w = model.state_dict(keep_vars=True)
+        for name in [k for k in self.w if k.endswith(".weight")]:  # (in, out) storage: a transposed view
+            if any(name.endswith(f"{m}.weight") for m in LAYOUTS[self.cfg.architecture]):
+                self.w[name] = self.w[name].t()
         self.act = ACTIVATIONS[self.cfg.act_fn]
         self.n_heads, self.d_head = self.cfg.n_heads, self.cfg.d_head
 

@@ -180,9 +180,8 @@ def test_patch_cli_runs_under_bf16_autocast(tmp_path, capsys):
 def test_normalized_scores_only_where_the_gap_interval_excludes_zero(model):
     from tsds_interp.pairs import Pairs
     from tsds_interp.patching import run_patching
-    task = model.tsds_config.task
-    real = decision_pairs(load("sft"), task, 8, seed=0, cells="1x1")  # truth vs wrong: gap of several logits
     sft = load("sft")
+    real = decision_pairs(sft, sft.tsds_config.task, 8, seed=0, cells="1x1")  # truth vs wrong: gap of several logits
     df = run_patching(sft, "decision", "activation", "head", pairs=real)
     assert df.normalized_defined.all() and df.gap_lo.iloc[0] > 0 and df.value.notna().all()
     assert df.effect.to_numpy() == pytest.approx((df.value * df.gap).to_numpy(), abs=1e-4)

@@ -127,27 +127,28 @@ def targets(effects: pd.DataFrame) -> pd.DataFrame:
 def figure(effects: pd.DataFrame, path: Path) -> None:
     """Per effect: the change when each circuit (circle) or its top component (square) is ablated,
     one point per seed with its 95% interval, beside the mean over its matched controls (grey)."""
-    eff = with_gap_share(effects[effects.ablated != "none"]).assign(ablated=lambda d: d.ablated.map(kind_of))
+    eff = with_gap_share(effects)
+    eff = eff[eff.ablated != "none"].assign(ablated=lambda d: d.ablated.map(kind_of))
     eff = eff.groupby(["label", "ablation", "ablated", "metric", "seed"], sort=False).agg(
         delta=("delta", "mean"), lo=("lo", "mean"), hi=("hi", "mean")).reset_index()
     groups = list(eff.groupby(["label", "ablation", "ablated"], sort=False).groups)
-    fig, axes = plt.subplots(1, len(EFFECTS), figsize=(4.5 * len(EFFECTS), 4.2))
+    fig, axes = plt.subplots(len(EFFECTS), 1, figsize=(max(8.0, 0.45 * len(groups) + 2), 2.6 * len(EFFECTS)),
+                             sharex=True)
     for ax, metric in zip(axes, EFFECTS):
         part = eff[eff.metric == metric]
         for i, key in enumerate(groups):
             g = part[(part.label == key[0]) & (part.ablation == key[1]) & (part.ablated == key[2])]
-            x = i + 0.08 * (g.seed.to_numpy() - g.seed.mean())
+            x = i + 0.1 * (g.seed.to_numpy() - g.seed.mean())
             color = "grey" if "controls" in key[2] else "C0" if key[2].startswith("decision") else "C1"
-            ax.errorbar(x, g.delta, yerr=[(g.delta - g.lo).clip(lower=0), (g.hi - g.delta).clip(lower=0)], fmt="none",
-                        capsize=2, color=color, marker="s" if "top" in key[2] else "o")
-        ax.set_xticks(range(len(groups)), [f"{a} {b}\n{c.replace(' component', '').replace(' circuit', '')}"
-                                           for a, b, c in groups], fontsize=6, rotation=90)
+            ax.errorbar(x, g.delta, yerr=[(g.delta - g.lo).clip(lower=0), (g.hi - g.delta).clip(lower=0)],
+                        fmt="s" if "top" in key[2] else "o", ms=4, capsize=2, color=color)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(f"change in {metric}")
-    fig.suptitle("Ablating each circuit (blue: decision, orange: sampling, grey: its type-matched controls; "
-                 "squares: top component); one point per seed, 95% intervals")
+        ax.set_ylabel(f"change in\n{metric}", fontsize=8)
+    axes[-1].set_xticks(range(len(groups)), [f"{a} {b}: {c}" for a, b, c in groups], fontsize=7, rotation=90)
+    fig.suptitle("Ablating each circuit (blue: decision, orange: sampling, grey: its type-matched controls, "
+                 "mean over controls; squares: top component); one point per seed, 95% intervals", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -139,3 +139,20 @@ def test_step_dissociation_measures_states_and_both_ablations(trained_steps):
         ctrl = part[part.ablated == "sampling circuit control 1"].components.iloc[0].split()
         assert sorted("mlp" in c for c in ctrl) == [False, True] and not set(ctrl) & {"L1H0", "L0.mlp", "L0H1"}
     assert _no_hooks(model)
+
+
+def test_function_measure_scores_fixed_candidates_of_either_model(trained_steps):
+    """The decision is scored on the candidates of the model named by ``candidates_from`` (fixed across
+    hooks), so an RL model can be measured on its SFT model's own wrong steps, as where_rl_changed does."""
+    from tsds_interp.circuits import function_measure
+
+    paths, _ = trained_steps
+    sft, rl = load(paths["sft"]), load(paths["rl"])
+    cells = sft.tsds_config.task.train_cells
+    own = function_measure(sft, cells, n_questions=24, samples=4, seed=3)([])
+    same = function_measure(sft, cells, n_questions=24, samples=4, seed=3, candidates_from=sft)([])
+    assert all(np.array_equal(own[k], same[k]) for k in own)
+    on_sft = function_measure(rl, cells, n_questions=24, samples=4, seed=3, candidates_from=sft)([])
+    assert len(on_sft["within_auc"]) == len(own["within_auc"])  # the same states with the same wrong steps
+    assert ((0 <= on_sft["within_auc"]) & (on_sft["within_auc"] <= 1)).all()
+    assert len(own["sample_accuracy"]) == 24 and set(np.unique(own["sample_accuracy"])) <= {0.0, 1.0}

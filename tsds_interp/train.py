@@ -285,17 +285,17 @@ def run_stage(s: Stage, out, resume: bool = False, quiet: bool = False, stop_aft
     """Train ``s`` to ``cfg.steps`` in ``out`` (or stop after ``stop_after`` steps, as an interrupt would)."""
     out = Path(out)
     check_stage_folder(out, resume)
+    if resume:  # read-only checks first: a refused resume leaves the folder untouched
+        check_resumable(out / "checkpoint", s.cfg)
+        s.step = restore_training_checkpoint(out / "checkpoint", s.model, s.opt, s.sched)
     with StageLock(out, enabled=s.dist.is_first):
         return _train_loop(s, out, resume, quiet, stop_after, init, ref)
 
 
 def _train_loop(s: Stage, out: Path, resume: bool, quiet: bool, stop_after: int | None, init, ref) -> Path:
     cfg, first = s.cfg, s.dist.is_first
-    if resume:
-        check_resumable(out / "checkpoint", cfg)
-        s.step = restore_training_checkpoint(out / "checkpoint", s.model, s.opt, s.sched)
-        if first:
-            trim_log(out / "log.jsonl", s.step)
+    if resume and first:
+        trim_log(out / "log.jsonl", s.step)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.stage == "sft":
         s.sft_data = cached_tokens(out / "sft_data.safetensors", lambda: build_sft_data(s), write=first)

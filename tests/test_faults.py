@@ -274,3 +274,31 @@ def test_a_second_interrupt_stops_at_once(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_a_real_training_saves_a_checkpoint_that_resumes_exactly(tmp_path, sig):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) sent to a running ``python -m tsds_interp.train``: it
+    finishes the step, saves, exits 130 with one line and no lock left; ``--resume`` then ends with the
+    weights of an uninterrupted run."""
+    out = tmp_path / "signalled"
+    args = [sys.executable, "-m", "tsds_interp.train", "pretrain", "--preset", "tiny", "--steps", "60",
+            "--ckpt-every", "1000", "--eval-every", "1000", "--log-every", "1", "--eval-questions", "8",
+            "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().count("\n") == 0 and "stopped at step" in err and "Traceback" not in err
+    assert (out / "checkpoint" / "train_state.json").is_file() and not (out / ".lock").exists()
+    stopped = json.loads((out / "checkpoint" / "train_state.json").read_text())["step"]
+    assert 3 <= stopped < 60
+    assert subprocess.run([*args, "--resume"], env=env, capture_output=True).returncode == 0
+    straight = tmp_path / "straight"
+    assert subprocess.run([*args[:-1], str(straight)], env=env, capture_output=True).returncode == 0
+    assert _equal(load(out), load(straight))

@@ -2,7 +2,11 @@
 no traceback, and nothing written or changed."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +246,20 @@ def test_library_raises_value_error_with_the_cli_words(world, case, capsys):
         assert CLI_OF[case].main(argv) == 2
         err = capsys.readouterr().err
         assert LIBRARY_WORDS[case] in err, err
+
+
+ANALYSES_DIR = Path(__file__).parent.parent / "analyses"
+ANALYSES = sorted(p.stem for p in ANALYSES_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("script", ANALYSES)
+def test_every_analysis_cli_refuses_bad_flags_in_one_line(script, tmp_path):
+    """Each analysis script checks its flags while parsing: one ``error:`` line, exit 2, nothing written."""
+    path = ANALYSES_DIR / f"{script}.py"
+    flag = "--steps" if script == "ds_toy_model" else "--questions"
+    proc = subprocess.run([sys.executable, str(path), flag, "0", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "out").exists()

@@ -138,7 +138,7 @@ def _run(args, argv=None) -> int:
             Path(f"{stem}_corr.json").write_text(json.dumps(row))
             print(f"seed {seed}: RL circuits {named}", flush=True)
         changes.append(pd.read_csv(f"{stem}_change.csv").assign(seed=seed))
-        transplants.append(pd.read_csv(f"{stem}_transplant.csv", keep_default_na=False, na_values=["nan"])
+        transplants.append(pd.read_csv(f"{stem}_transplant.csv", dtype={"components": str}).fillna({"components": ""})
                            .assign(seed=seed))
         corr.append({"seed": seed, **json.loads(Path(f"{stem}_corr.json").read_text())})
     if not corr:
@@ -160,9 +160,10 @@ def _run(args, argv=None) -> int:
     k = trans.seed.nunique()
     values = over_seeds(trans.assign(label=trans.model, cell="all", lo=np.nan, hi=np.nan), "value")
     table = values.assign(v=[fmt(m, lo, hi) for m, lo, hi in values[["mean", "lo", "hi"]].to_numpy()]).pivot(
-        index="label", columns="metric", values="v")[list(SHOWN)]
+        index="label", columns="metric", values="v").reindex(columns=list(SHOWN))
     shares = trans[trans.model.str.startswith("sft + ")].pivot_table(index=["model", "seed"], columns="metric",
-                                                                       values="share_of_rl_change")[list(SHOWN)]
+                                                                       values="share_of_rl_change",
+                                                                       dropna=False).reindex(columns=list(SHOWN))
     text = "\n".join([
         "# Where RL changed the network", "",
         "Command: `python analyses/where_rl_changed.py " + " ".join(argv or sys.argv[1:]) + "`", "",

@@ -83,18 +83,17 @@ def _nearest_existing(path: Path) -> Path:
 PACKAGE_CHECKPOINTS = Path(__file__).parent / "checkpoints"
 
 
-def _owner(path: Path) -> str | None:
-    """What already owns ``path`` or a folder above it: a checkpoint, the shipped package, a training stage."""
+def _owner(path: Path) -> tuple[Path, str] | None:
+    """The folder at or above ``path`` that already owns it, and what it is: a model checkpoint,
+    the shipped package or a training stage."""
     path = path.absolute()
     for folder in (path, *path.parents):
         if folder == PACKAGE_CHECKPOINTS.absolute():
-            return f"{folder} holds the shipped checkpoints"
+            return folder, "holds the shipped checkpoints"
         if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return f"{folder} is a model checkpoint"
-        if folder != path and (folder / "checkpoint").is_dir() and (folder / "run.json").is_file():
-            return f"{folder} is a training stage folder"
-    if (path / "checkpoint").is_dir() and (path / "run.json").is_file():
-        return f"{path} is a training stage folder"
+            return folder, "is a model checkpoint"
+        if (folder / "checkpoint").is_dir() and (folder / "run.json").is_file():
+            return folder, "is a training stage folder"
     return None
 
 
@@ -104,8 +103,8 @@ def out_dir(path: str | os.PathLike, flag: str = "out", stage: bool = False) -> 
     shipped package (nothing is created here)."""
     path = writable_dir(path, flag)
     owner = _owner(path)
-    if owner and not (stage and owner == f"{path.absolute()} is a training stage folder"):
-        raise ValueError(f"{flag} {path}: {owner}, whose files this would overwrite; give a fresh folder")
+    if owner and not (stage and owner == (path.absolute(), "is a training stage folder")):
+        raise ValueError(f"{flag} {path}: {owner[0]} {owner[1]}, whose files this would overwrite; give a fresh folder")
     return path
 
 

@@ -159,11 +159,6 @@ def ablation_hooks(model, comps: list[Component], reference: Int[Tensor, "batch 
     return hooks
 
 
-def mean_ablation_hooks(model, comps: list[Component], reference: Int[Tensor, "batch pos"]) -> list:
-    """Forward hooks replacing each component by its per-position mean over ``reference`` tokens."""
-    return ablation_hooks(model, comps, reference, "mean")
-
-
 def matched_controls(sets: dict[str, list[Component]], pool: list[Component], n: int, rng: np.random.Generator
                      ) -> dict[str, list[Component]]:
     """For each named set, ``n`` random sets from ``pool`` with as many heads and as many MLPs

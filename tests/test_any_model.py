@@ -10,11 +10,10 @@ import pytest
 import torch
 import transformer_lens.model_bridge.sources  # noqa: F401
 from tl_reference import assert_attribution_matches, assert_grids_match
-from transformer_lens.config import TransformerBridgeConfig
-from transformer_lens.model_bridge import TransformerBridge
 
+from tsds_interp.bench import LAYOUT_MATRIX, matrix_model
 from tsds_interp.forward import OwnForward, fast_forward, refusal
-from tsds_interp.patching import activation_patch
+from tsds_interp.patching import activation_patch, attribution_patch
 from tsds_interp.rollout import rollout
 from tsds_interp.task import VOCAB, TaskConfig, sample_questions
 
@@ -23,37 +22,16 @@ TASK = TaskConfig(width=1, budget=2, train_cells=((1, 1),), ood_cells=())
 BASE = dict(d_model=32, d_head=8, n_heads=4, n_layers=2, n_ctx=TASK.max_len, d_vocab=len(VOCAB), act_fn="gelu",
             seed=0, model_name="matrix")
 # name: (config changes, None = the own-weights path is taken, else a word of the refusal)
-CONFIGS = {
-    "native": ({}, None),
-    "d_head_6": (dict(d_head=6), None),
-    "one_layer_relu": (dict(n_layers=1, act_fn="relu"), None),
-    "gelu_new": (dict(act_fn="gelu_new"), None),
-    "attn_scale_2": (dict(attn_scale=2.0), "attn_scale"),
-    "score_soft_cap": (dict(attn_scores_soft_cap=5.0), "attn_scores_soft_cap"),
-    "logit_soft_cap": (dict(output_logits_soft_cap=3.0), "output_logits_soft_cap"),
-    "bidirectional": (dict(attention_dir="bidirectional"), "attention_dir"),
-    "rms": (dict(normalization_type="RMS"), "normalization_type"),
-    "ln_pre": (dict(normalization_type="LNPre"), "normalization_type"),
-    "no_norm": (dict(normalization_type=None), "normalization_type"),
-    "final_rms": (dict(normalization_type="LN", final_rms=True), "final_rms"),  # LN blocks, RMS final norm
-    "attn_only": (dict(attn_only=True), "attn_only"),
-    "grouped_query": (dict(n_key_value_heads=2), "n_key_value_heads"),
-    "gated_silu": (dict(gated_mlp=True, act_fn="silu"), "gated_mlp"),
-    "swish": (dict(act_fn="swish"), "act_fn"),
-    "rotary": (dict(positional_embedding_type="rotary", rotary_dim=8), "positional_embedding_type"),
-}
+REFUSED = {"score_soft_cap": "attn_scores_soft_cap", "logit_soft_cap": "output_logits_soft_cap",
+           "bidirectional": "attention_dir", "solu": "act_fn"}
+CONFIGS = {name: (changes, REFUSED.get(name)) for name, changes in LAYOUT_MATRIX.items()}
 # Not in the matrix: parallel_attn_mlp=True, which TransformerLens 4.3's boot_native ignores (it builds
-# the same sequential blocks, weights and logits as "native"), so it would test nothing.
+# the same sequential blocks, weights and logits as "native"), so it would test nothing; the own-weights
+# forward refuses it all the same.
+
 
 def build(name: str):
-    model = TransformerBridge.boot_native(TransformerBridgeConfig(**{**BASE, **CONFIGS[name][0]}))
-    model.eval()
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # norms away from their identity initialisation, so LN and LNPre differ
-        for key, p in model.named_parameters():
-            if "ln" in key or "norm" in key:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-    return model
+    return matrix_model(name, BASE)
 
 
 def test_every_configuration_computes_something_different():
@@ -91,7 +69,7 @@ def test_the_fast_path_is_taken_exactly_where_it_is_exact(model):
 
 
 def test_each_fast_path_logs_the_path_it_takes(model, caplog):
-    """Rollouts, head x position patching and the training forward say which forward ran: the
+    """Rollouts, head x position (exact and attribution) patching and the training forward say which forward ran: the
     own-weights one exactly where it is exact, the hooked one elsewhere (a silent fallback fails)."""
     name, m = model
     m(pairs()[0])
@@ -99,8 +77,9 @@ def test_each_fast_path_logs_the_path_it_takes(model, caplog):
     with caplog.at_level(logging.DEBUG, logger="tsds_interp"):
         rollout(m, sample_questions(TASK, "train", 4, seed=0), task=TASK, seed=0)
         activation_patch(m, *pairs(), metric, "head_pos")
+        attribution_patch(m, *pairs(), metric, "head_pos")
         forward = fast_forward(m, "training")
-    for what in ("rollout", "head_pos patching", "training"):
+    for what in ("rollout", "head_pos patching", "head_pos attribution patching", "training"):
         said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{what}: ")]
         assert said and all(want in x for x in said), (what, said)
     assert (forward is m) == (want == "hooked forward")

@@ -1,4 +1,4 @@
-"""HuggingFace GPT-2- and Llama-style models built offline, and the public API for your own traces."""
+"""HuggingFace GPT-2-, Llama-, Qwen2- and Mistral-style models built offline, and the public API for your own traces."""
 
 import os
 
@@ -11,7 +11,7 @@ from tsds_interp.forward import refusal
 from tsds_interp.gradient_split import role_gradients
 from tsds_interp.hf import boot, save_random
 from tsds_interp.patching import activation_patch
-from tsds_interp.traces import ds_counts, patch, role_attribution, traces
+from tsds_interp.traces import ds_counts, generate, patch, role_attribution, traces
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 WORDS = [*"0123456789", "*", "=", "ACCEPT", "REJECT"]
@@ -22,11 +22,19 @@ TOKENS = torch.tensor([[1, 7, 14, 8, 15, 6, 5, REJECT, 5, 6, ACCEPT, 2],
 ROLES = [["prompt"] * 5 + ["sample"] * 2 + ["decision"] + ["sample"] * 2 + ["decision", "end"],
          ["prompt"] * 5 + ["sample", "decision", "end", "pad", "pad", "pad", "pad"]]
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2", "mistral"])
 def hf_model(request, tmp_path_factory):
     folder = save_random(request.param, tmp_path_factory.mktemp(request.param), WORDS)
     assert (folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()
-    return request.param, boot(folder)
+    model = boot(folder)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # norms and biases away from their initial ones and zeros, so each one counts,
+        for p in model.parameters():  # and weights large enough for effects well above float noise
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.mul_(4)
+    return request.param, model
 
 
 def metric(logits):
@@ -40,28 +48,69 @@ def contrast():
     return clean, corrupted
 
 
-def test_the_fast_path_takes_gpt2_and_refuses_llama(hf_model, caplog):
-    """GPT-2's layout (LayerNorm, learned positions, gelu_new, Conv1D-stored weights) runs on the
-    own weights, equal to the hooked forward; Llama's (RMSNorm, rotary, grouped-query, gated MLP) is
-    refused and takes the hooked path; each says so in the log."""
+def test_the_fast_path_takes_every_hf_layout(hf_model, caplog):
+    """GPT-2 (LayerNorm, learned positions, gelu_new, Conv1D-stored weights) and Llama, Qwen2 and
+    Mistral (RMSNorm, rotary positions in halves, grouped-query attention, gated SiLU MLP; Qwen2's
+    q/k/v biases) run on the own weights, equal to the hooked forward, and say so in the log."""
     import logging
 
     from tsds_interp.forward import OwnWeights
 
     name, model = hf_model
     clean, _ = contrast()
+    assert refusal(model) is None
     with torch.no_grad():
         reference = model(clean)
-    if name == "gpt2":
-        assert refusal(model) is None
-        with torch.no_grad():
-            torch.testing.assert_close(OwnWeights(model).logits(clean), reference, rtol=0, atol=1e-5)
-    else:
-        assert "normalization_type" in refusal(model) or "architecture" in refusal(model)
+        torch.testing.assert_close(OwnWeights(model).logits(clean), reference, rtol=0, atol=1e-5)
     with caplog.at_level(logging.DEBUG, logger="tsds_interp"):
         activation_patch(model, *contrast(), metric, "head_pos")
-    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("head_pos patching: ")]
-    assert said and ("own-weights" in said[0]) == (name == "gpt2")
+        generate(model, clean, 4, seed=0)
+    for what in ("head_pos patching", "generate"):
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{what}: ")]
+        assert said and all("own-weights" in x for x in said), (what, said)
+
+
+def test_cached_generation_equals_uncached_and_a_full_forward(hf_model):
+    """Generation with the key/value cache gives the tokens and log-probabilities of decoding
+    through the hooked model, and each log-probability is the full forward's at that position."""
+    _, model = hf_model
+    prompts = TOKENS[:, :5].repeat(4, 1)
+    cached, logp = generate(model, prompts, 24, temperature=1.0, seed=5)
+    uncached, logp_ref = generate(model, prompts, 24, temperature=1.0, seed=5, cached=False)
+    eos = model.tokenizer.eos_token_id
+    lengths = (cached[:, 5:] != eos).sum(1)
+    assert int(lengths.max()) >= 10, lengths  # long continuations: the cache is used far into the rows
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(logp, logp_ref, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        full = model(cached).log_softmax(-1)[:, 4:-1].gather(-1, cached[:, 5:, None])[..., 0]
+    written = torch.cat([torch.ones(len(cached), 1, dtype=torch.bool), cached[:, 5:-1] != eos], 1)
+    torch.testing.assert_close(logp[written], full[written], rtol=0, atol=1e-5)
+
+
+def test_layouts_outside_the_allow_list_refuse_by_name(tmp_path):
+    import transformers
+
+    from tsds_interp.hf import word_tokenizer
+
+    tokenizer = word_tokenizer(WORDS)
+    size = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, max_position_embeddings=64, vocab_size=len(tokenizer))
+    cases = {
+        "sliding_window=16": transformers.MistralForCausalLM(transformers.MistralConfig(**size, sliding_window=16)),
+        "rope_type='dynamic'": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **size, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+        "architecture='Gemma2ForCausalLM'": transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **size, head_dim=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    }
+    for reason, hf_model in cases.items():
+        folder = tmp_path / reason.split("=")[0]
+        hf_model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        assert reason in (refusal(boot(folder)) or ""), reason
+    gpt2 = boot(save_random("gpt2", tmp_path / "gpt2", WORDS))
+    gpt2.train()  # GPT-2's dropout is active when training: not reproduced, so refused
+    assert "pdrop" in refusal(gpt2)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
@@ -129,3 +178,32 @@ def test_bad_traces_are_clear_errors():
         ds_counts(TOKENS, ROLES, ACCEPT, REJECT, correct=[[True], [True]])
     with pytest.raises(ValueError, match="no sample or decision"):
         traces(TOKENS, [["prompt"] * 12] * 2)
+
+
+def test_training_forward_of_hf_models_has_the_hooked_gradients(hf_model):
+    """The own-weights training forward of every HuggingFace layout gives the hooked forward's
+    parameter gradients (1e-5), and an optimizer step on the model is seen by it (live weights)."""
+    from tsds_interp.forward import OwnForward, fast_forward
+
+    _, model = hf_model
+    own = fast_forward(model, "training")
+    assert isinstance(own, OwnForward)
+    tokens = TOKENS[:, :10]
+    grads = []
+    for forward in (model, own):
+        model.zero_grad(set_to_none=True)
+        forward(tokens).log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None]).mean().backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    assert grads[0] and grads[0].keys() == grads[1].keys()  # the same parameters reached
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    weight = model.state_dict(keep_vars=True)["blocks.0.mlp.out.weight"]
+    with torch.no_grad():
+        before = own(tokens)
+        weight.mul_(1.5)
+        try:
+            torch.testing.assert_close(own(tokens), model(tokens), rtol=0, atol=1e-5)
+            assert not torch.allclose(own(tokens), before, atol=1e-4)
+        finally:
+            weight.div_(1.5)

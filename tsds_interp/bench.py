@@ -3,7 +3,10 @@
 Entries: ``rollout`` (our KV-cached reflective sampler vs TransformerLens ``generate``), ``train``
 (the training loop's step vs a plain PyTorch model of the same architecture with fused attention;
 the hooked step is reported too), ``patching`` (exact
-and attribution head x position sweeps vs ``transformer_lens.patching``). Each comparison runs
+and attribution head x position sweeps vs ``transformer_lens.patching``), ``patching_hf`` (the same
+on HuggingFace GPT-2 and Llama layouts), ``generate_hf`` (sampling from those models vs the bridge's
+``generate``), ``patching_matrix`` (exact patching on every native configuration of
+``LAYOUT_MATRIX``, fast or hooked path, vs TransformerLens). Each comparison runs
 both sides alternately in one process, several times, and reports medians; ``ratio`` is always
 reference time / ours except for ``train`` (ours / reference: lower is better there).
 """
@@ -211,33 +214,71 @@ def bench_patching(quick: bool) -> dict:
     }
 
 
-def bench_patching_hf(quick: bool) -> dict:
-    """Exact head x position patching of HuggingFace-layout models (random weights, written offline)
-    against TransformerLens: GPT-2 (own-weights path) and Llama (hooked path, refused)."""
-    return {arch: _hf_patching_case(arch, quick) for arch in ("gpt2", "llama")}
+# Native configurations that each compute something different (the test suite checks every one
+# against TransformerLens): changes to a small base model of the width-1 task.
+LAYOUT_MATRIX = {
+    "native": {}, "d_head_6": dict(d_head=6), "one_layer_relu": dict(n_layers=1, act_fn="relu"),
+    "gelu_new": dict(act_fn="gelu_new"), "attn_scale_2": dict(attn_scale=2.0),
+    "score_soft_cap": dict(attn_scores_soft_cap=5.0), "logit_soft_cap": dict(output_logits_soft_cap=3.0),
+    "bidirectional": dict(attention_dir="bidirectional"), "rms": dict(normalization_type="RMS"),
+    "rms_pre": dict(normalization_type="RMSPre"), "ln_pre": dict(normalization_type="LNPre"),
+    "no_norm": dict(normalization_type=None), "final_rms": dict(normalization_type="LN", final_rms=True),
+    "attn_only": dict(attn_only=True), "grouped_query": dict(n_key_value_heads=2),
+    "multi_query": dict(n_key_value_heads=1), "gated_silu": dict(gated_mlp=True, act_fn="silu"),
+    "swish": dict(act_fn="swish"), "solu": dict(act_fn="solu"),
+    "rotary": dict(positional_embedding_type="rotary", rotary_dim=8),
+    "rotary_partial": dict(positional_embedding_type="rotary", rotary_dim=4),
+    "llama_like": dict(normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
+                       n_key_value_heads=2, gated_mlp=True, act_fn="silu"),
+}
 
 
-def _hf_patching_case(arch: str, quick: bool) -> dict:
-    import tempfile
-    from pathlib import Path
+def matrix_model(name: str, base: dict):
+    """The ``LAYOUT_MATRIX`` configuration ``name`` on ``base``, booted natively, its norm weights moved
+    off their identity initialisation (so, e.g., LayerNorm and its parameter-free form differ)."""
+    import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_native)
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
 
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**{**base, **LAYOUT_MATRIX[name]}))
+    model.eval()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "ln" in key or "norm" in key:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def bench_patching_matrix(quick: bool) -> dict:
+    """Exact head x position patching on every configuration of ``LAYOUT_MATRIX`` (d_model 64, 2 layers,
+    4 heads, 8 pairs of 20 tokens) against TransformerLens: the own-weights path where it is exact, the
+    hooked path (soft caps, bidirectional attention, SoLU) elsewhere."""
+    base = dict(d_model=64, d_head=16, n_heads=4, n_layers=2, n_ctx=32, d_vocab=20, act_fn="gelu", seed=0,
+                model_name="matrix")
+    n, T = (4, 12) if quick else (8, 20)
+    clean = torch.randint(0, 20, (n, T), generator=torch.Generator().manual_seed(1))
+    corrupted = clean.clone()
+    corrupted[:, T // 3] = (corrupted[:, T // 3] + 1) % 20
+
+    def metric(logits):
+        return (logits[:, -1, 3] - logits[:, -1, 5]).mean()
+    out = {}
+    for name in LAYOUT_MATRIX:
+        if name != "d_head_6":  # d_head 16 here: the base already covers d_head != d_model / n_heads
+            out[name] = _tl_head_pos_case(matrix_model(name, base), clean, corrupted, metric, 2 if quick else 3)
+    return out
+
+
+def _tl_head_pos_case(model, clean: torch.Tensor, corrupted: torch.Tensor, metric, repeats: int,
+                      attribution: bool = False) -> dict:
+    """Our exact head x position patching against ``get_act_patch_attn_head_out_by_pos`` (and, with
+    ``attribution``, our attribution patching against our exact patching as ``"attribution"``)."""
     import transformer_lens.patching as tlp
 
     from tsds_interp.forward import refusal
-    from tsds_interp.hf import boot, save_random
-    from tsds_interp.patching import activation_patch
+    from tsds_interp.patching import activation_patch, attribution_patch
 
-    words = [f"w{i}" for i in range(60)] + ["ACCEPT", "REJECT"]
-    n, T = (4, 24) if quick else (8, 40)
-    model = boot(save_random(arch, Path(tempfile.mkdtemp()) / arch, words, d_model=256, n_layers=4, n_heads=8,
-                             d_mlp=1024, n_ctx=64))
-    g = torch.Generator().manual_seed(0)
-    clean = torch.randint(3, len(words), (n, T), generator=g)
-    corrupted = clean.clone()
-    corrupted[:, T // 2] = (corrupted[:, T // 2] + 1) % len(words)
-
-    def metric(logits):
-        return (logits[:, -1, 4] - logits[:, -1, 5]).mean()
     _, clean_cache = model.run_with_cache(clean)
 
     def reference():
@@ -250,17 +291,100 @@ def _hf_patching_case(arch: str, quick: bool) -> dict:
 
     def ours():
         return activation_patch(model, clean, corrupted, metric, "head_pos")
-    max_diff = float((reference() - ours()).abs().max())
+
+    def attr():
+        return attribution_patch(model, clean, corrupted, metric, "head_pos")
+    fns = {"tl": reference, "ours": ours, **({"attr": attr} if attribution else {})}
     raw: dict = {}
-    t = _timed({"tl": reference, "ours": ours}, 2 if quick else 3, raw)
-    paired = sorted(b / a for a, b in zip(raw["ours"], raw["tl"]))
-    return {"ours_s": t["ours"], "reference_s": t["tl"], "ratio": t["tl"] / t["ours"], "paired_ratio_min": paired[0],
-            "max_abs_diff": max_diff, "path": refusal(model) or "own weights",
-            "reference": f"transformer_lens.patching.get_act_patch_attn_head_out_by_pos, {n} pairs of {T} tokens, "
-                         "d_model 256, 4 layers, 8 heads"}
+    t = _timed(fns, repeats, raw)
+    path = refusal(model) or "own weights"
+    out = {"ours_s": t["ours"], "reference_s": t["tl"], "ratio": t["tl"] / t["ours"],
+           "paired_ratio_min": min(b / a for a, b in zip(raw["ours"], raw["tl"])),
+           "max_abs_diff": float((reference() - ours()).abs().max()), "path": path,
+           "reference": "transformer_lens.patching.get_act_patch_attn_head_out_by_pos"}
+    if attribution:
+        out["attribution"] = {"ours_s": t["attr"], "reference_s": t["ours"], "ratio": t["ours"] / t["attr"],
+                              "paired_ratio_min": min(b / a for a, b in zip(raw["attr"], raw["ours"])),
+                              "path": path, "reference": "our exact head x position patching of the same grid"}
+    return out
 
 
-ENTRIES = {"rollout": bench_rollout, "train": bench_train, "patching": bench_patching, "patching_hf": bench_patching_hf}
+HF_SIZE = dict(d_model=256, n_layers=4, n_heads=8, d_mlp=1024, n_ctx=64)
+HF_WORDS = [f"w{i}" for i in range(60)] + ["ACCEPT", "REJECT"]
+
+
+def _hf_model(arch: str):
+    """A HuggingFace-layout model of ``HF_SIZE`` with random weights, written offline and booted."""
+    import tempfile
+    from pathlib import Path
+
+    from tsds_interp.hf import boot, save_random
+
+    return boot(save_random(arch, Path(tempfile.mkdtemp()) / arch, HF_WORDS, **HF_SIZE))
+
+
+def bench_patching_hf(quick: bool) -> dict:
+    """Head x position patching of HuggingFace-layout models (GPT-2, Llama): exact patching against
+    TransformerLens, and attribution patching against exact patching of the same grid."""
+    out = {}
+    for arch in ("gpt2", "llama"):
+        out[arch], out[f"{arch}_attribution"] = _hf_patching_case(arch, quick)
+    return out
+
+
+def _hf_patching_case(arch: str, quick: bool) -> tuple[dict, dict]:
+    n, T = (4, 24) if quick else (8, 40)
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(3, len(HF_WORDS), (n, T), generator=g)
+    corrupted = clean.clone()
+    corrupted[:, T // 2] = (corrupted[:, T // 2] + 1) % len(HF_WORDS)
+
+    def metric(logits):
+        return (logits[:, -1, 4] - logits[:, -1, 5]).mean()
+    exact = _tl_head_pos_case(_hf_model(arch), clean, corrupted, metric, 2 if quick else 3, attribution=True)
+    attr = exact.pop("attribution")
+    grid = f"{n} pairs of {T} tokens, d_model 256, 4 layers, 8 heads"
+    exact["reference"] += f", {grid}"
+    attr["reference"] += f", {grid}"
+    return exact, attr
+
+
+def bench_generate_hf(quick: bool) -> dict:
+    """Sampling continuations of HuggingFace-layout models (GPT-2, Llama): :func:`tsds_interp.traces.generate`
+    against the bridge's own ``generate`` (its key/value cache on), the same number of new tokens, for
+    one row (interactive use: per-step overheads dominate) and a batch of 32 (matrix products dominate)."""
+    prompt, new = (8, 16) if quick else (8, 48)
+    out = {}
+    for arch in ("gpt2", "llama"):
+        model = _hf_model(arch)
+        for n in (1, 32):
+            out[f"{arch}_{n}_rows"] = _generate_case(model, n, prompt, new, 2 if quick else 5)
+    return out
+
+
+def _generate_case(model, n: int, prompt: int, new: int, repeats: int) -> dict:
+    from tsds_interp.forward import refusal
+    from tsds_interp.traces import generate
+
+    tokens = torch.randint(3, len(HF_WORDS), (n, prompt), generator=torch.Generator().manual_seed(0))
+
+    def ours():
+        return generate(model, tokens, new, stop_at_eos=False)
+
+    def reference():
+        return model.generate(tokens, max_new_tokens=new, stop_at_eos=False, use_past_kv_cache=True, verbose=False)
+    assert ours()[0].shape == reference().shape
+    raw: dict = {}
+    t = _timed({"tl": reference, "ours": ours}, repeats, raw)
+    return {"ours_s": t["ours"], "reference_s": t["tl"], "ratio": t["tl"] / t["ours"],
+            "paired_ratio_min": min(b / a for a, b in zip(raw["ours"], raw["tl"])),
+            "tokens_per_s": n * new / t["ours"], "reference_tokens_per_s": n * new / t["tl"],
+            "path": refusal(model) or "own weights",
+            "reference": f"TransformerBridge.generate(use_past_kv_cache=True), {n} rows x {new} new tokens"}
+
+
+ENTRIES = {"rollout": bench_rollout, "train": bench_train, "patching": bench_patching, "patching_hf": bench_patching_hf,
+           "generate_hf": bench_generate_hf, "patching_matrix": bench_patching_matrix}
 
 
 if __name__ == "__main__":  # python -m tsds_interp.bench

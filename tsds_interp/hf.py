@@ -1,5 +1,5 @@
-"""HuggingFace architectures without a network: small GPT-2- and Llama-style models with random
-weights and a word-level tokenizer, written with ``save_pretrained`` and booted with
+"""HuggingFace architectures without a network: small GPT-2-, Llama-, Qwen2- and Mistral-style models
+with random weights and a word-level tokenizer, written with ``save_pretrained`` and booted with
 ``TransformerBridge.boot_transformers(folder)``.
 
 With downloaded weights the calls are the same: ``boot(folder)`` on the folder that holds the
@@ -15,7 +15,7 @@ import torch
 
 from tsds_interp import checks
 
-ARCHITECTURES = ("gpt2", "llama")
+ARCHITECTURES = ("gpt2", "llama", "qwen2", "mistral")
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
@@ -34,8 +34,10 @@ def word_tokenizer(words: list[str]):
 
 def save_random(architecture: str, folder: str | os.PathLike, words: list[str], d_model: int = 32,
                 n_layers: int = 2, n_heads: int = 4, d_mlp: int = 64, n_ctx: int = 64, seed: int = 0) -> Path:
-    """Write a randomly initialised ``architecture`` model and its tokenizer to ``folder``."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """Write a randomly initialised ``architecture`` model and its tokenizer to ``folder``. The Llama,
+    Qwen2 and Mistral models use grouped-query attention (two query heads per key/value head), rotary
+    positions, RMSNorm and a gated SiLU MLP; Qwen2 adds biases to the query, key and value maps."""
+    import transformers
 
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
@@ -44,12 +46,14 @@ def save_random(architecture: str, folder: str | os.PathLike, words: list[str], 
     ids = dict(vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(seed)
     if architecture == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp,
-                                           n_positions=n_ctx, **ids))
-    else:  # grouped-query attention with two query heads per key/value head, rotary positions
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=d_model, num_hidden_layers=n_layers,
-                                             num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2),
-                                             intermediate_size=d_mlp, max_position_embeddings=n_ctx, **ids))
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=d_model, n_layer=n_layers, n_head=n_heads, n_inner=d_mlp, n_positions=n_ctx, **ids))
+    else:
+        name = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[architecture]
+        config = getattr(transformers, f"{name}Config")(
+            hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2), intermediate_size=d_mlp, max_position_embeddings=n_ctx, **ids)
+        model = getattr(transformers, f"{name}ForCausalLM")(config)
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

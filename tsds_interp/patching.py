@@ -208,9 +208,9 @@ class _PrefixReuse:
         def prefix(layer):  # the base run's keys and values before pos
             k_prefix, v_prefix = rep(self.ks[layer][:, :, :pos]), rep(self.vs[layer][:, :, :pos])
             return lambda k, v: (torch.cat([k_prefix, k], 2), torch.cat([v_prefix, v], 2))
-        x = self.own.block(rep(self.resid[layer][:, pos:]), layer, prefix(layer), patch)[0]
+        x = self.own.block(rep(self.resid[layer][:, pos:]), layer, prefix(layer), patch, start=pos)[0]
         for later in range(layer + 1, self.cfg.n_layers):
-            x = self.own.block(x, later, prefix(later))[0]
+            x = self.own.block(x, later, prefix(later), start=pos)[0]
         logits = torch.cat([rep(self.base_logits[:, :pos]), self.own.unembed(x)], 1).view(n, B, T, -1)
         return torch.stack([metric(lg) for lg in logits]).float()
 
@@ -235,6 +235,8 @@ def attribution_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Ten
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     names = [hook_name(grid, layer) for layer in range(model.cfg.n_layers)]
     check_hook_names(model, names)
+    if grid in ("head", "head_pos") and ig_steps == 1 and use_own_weights(model, f"{grid} attribution patching"):
+        return _own_head_attribution(model, base, source, metric, grid)
     with torch.no_grad():
         _, src_cache = model.run_with_cache(source, names_filter=lambda n: n in names)
         _, base_cache = model.run_with_cache(base, names_filter=lambda n: n in names)
@@ -249,6 +251,28 @@ def attribution_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Ten
                 _accumulate_grads(model, base, metric, {n: point}, grads, 1.0 / ig_steps)
     per_layer = [_reduce_cells((src_cache[n] - base_cache[n]) * grads[n], grid) for n in names]
     return torch.stack(per_layer)
+
+
+def _own_head_attribution(model, base: Tensor, source: Tensor, metric: Metric, grid: str) -> Tensor:
+    """Attribution patching of the heads' outputs on the model's own weights: one forward of the
+    source, one forward and backward of the base (gradients of the metric with respect to every
+    head output ``z``, through every later layer; no parameter gradient is computed)."""
+    own = OwnWeights(model)
+    with torch.no_grad():
+        x = own.embed(source)
+        src_z = []
+        for layer in range(model.cfg.n_layers):
+            x, _, _, z = own.block(x, layer)
+            src_z.append(z)
+    with torch.enable_grad():
+        x = own.embed(base).detach().requires_grad_()  # a graph to the heads even for frozen weights
+        base_z = []
+        for layer in range(model.cfg.n_layers):
+            x, _, _, z = own.block(x, layer)
+            base_z.append(z)
+        grads = torch.autograd.grad(metric(own.unembed(x)), base_z)
+    return torch.stack([_reduce_cells(((s - z.detach()) * g).transpose(1, 2), grid)  # [batch, pos, head, d_head]
+                        for s, z, g in zip(src_z, base_z, grads)])
 
 
 def _accumulate_grads(model, tokens, metric, replace: dict[str, Tensor | None], grads: dict, scale):

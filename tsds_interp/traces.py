@@ -11,7 +11,10 @@ booted natively, or from a HuggingFace folder with ``TransformerBridge.boot_tran
   P(reject | wrong)`` with Wilson 95% intervals, from the decisions in the traces and your labels
   of which candidates are correct;
 - :func:`patch`: exact activation patching or attribution patching of any contrast pairs under
-  any metric, as a tidy table.
+  any metric, as a tidy table;
+- :func:`generate`: continuations of your prompts, decoded with a key/value cache on the model's
+  own weights where :mod:`tsds_interp.forward` reproduces the model (GPT-2, Llama, Qwen2, Mistral
+  and native layouts), to make traces from.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
+from tsds_interp.forward import KVCache, use_own_weights
 from tsds_interp.gradient_split import OBJECTIVES, Trajectories, attribute, summarize
 from tsds_interp.patching import GRIDS, activation_patch, attribution_patch, to_frame
+from tsds_interp.rollout import UncachedStepper, sample_tokens
 from tsds_interp.stats import wilson
 from tsds_interp.task import DECISION, END, PADDING, PROMPT, ROLE_NAMES, SAMPLE
 
@@ -164,3 +169,61 @@ def patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor], grid: str
         raise ValueError(f"method must be activation or attribution, got {method!r}")
     df["base_metric"] = base
     return df
+
+
+def prompt_ids(model, prompts) -> Int[Tensor, "batch pos"]:
+    """Prompts as one ``[batch, pos]`` table of token ids: ids as given, or strings through the
+    model's tokenizer (they must come out one length)."""
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], str)):
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("the model has no tokenizer: pass prompts as token ids")
+        rows = model.tokenizer([prompts] if isinstance(prompts, str) else list(prompts))["input_ids"]
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError(f"the prompts tokenize to different lengths ({sorted({len(r) for r in rows})}); "
+                             f"generate from prompts of one length at a time")
+        return torch.tensor(rows)
+    tokens = torch.as_tensor(prompts)
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"prompts must be strings or a non-empty [batch, pos] table of integer token ids, got "
+                         f"{tuple(tokens.shape)} {tokens.dtype}")
+    vocab = model.cfg.d_vocab
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise ValueError(f"prompt token ids must lie in 0..{vocab - 1} (the model's vocabulary)")
+    return tokens.long()
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens: int = 16, temperature: float = 1.0, seed: int = 0,
+             stop_token: int | None = None, stop_at_eos: bool = True, cached: bool = True
+             ) -> tuple[Int[Tensor, "batch total"], Float[Tensor, "batch new"]]:
+    """Continue every prompt by up to ``max_new_tokens`` tokens sampled at ``temperature`` (0:
+    greedy). Returns the prompts with their continuations and each new token's log-probability at
+    temperature 1. A row that writes ``stop_token`` (default: the tokenizer's end-of-sequence token,
+    unless ``stop_at_eos=False``) is padded with it (log-probability 0) until the longest row ends.
+    The same ``seed`` gives the same tokens cached or not (one uniform number per row and step, drawn up front);
+    ``cached=False`` decodes through the hooked model without a cache (the reference)."""
+    if max_new_tokens < 1 or temperature < 0:
+        raise ValueError(f"max_new_tokens must be >= 1 and temperature >= 0, got {max_new_tokens} and {temperature}")
+    tokens = prompt_ids(model, prompts).to(next(model.parameters()).device)
+    if stop_token is None and stop_at_eos and getattr(model, "tokenizer", None) is not None:
+        stop_token = model.tokenizer.eos_token_id
+    n, length = tokens.shape
+    decoder_class = KVCache if cached and use_own_weights(model, "generate") else UncachedStepper
+    decoder = decoder_class(model, n, length + max_new_tokens)
+    uniforms = torch.rand(n, max_new_tokens, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    new, logprobs = [], []
+    done = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    logits = decoder.prefill(tokens)
+    for step in range(max_new_tokens):
+        token = sample_tokens(logits, temperature, uniforms[:, step].to(logits.device))
+        logprob = logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+        if stop_token is not None:
+            token = token.masked_fill(done, stop_token)
+            logprob = logprob.masked_fill(done, 0.0)
+            done |= token == stop_token
+        new.append(token)
+        logprobs.append(logprob)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = decoder.step(token)
+    return torch.cat([tokens, torch.stack(new, 1)], 1), torch.stack(logprobs, 1)

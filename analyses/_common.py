@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from tsds_interp.model import load
+from tsds_interp.stats import seed_interval
 from tsds_interp.verification import heldout_metrics
 
 KEY_METRICS = ("p_s_first", "p_s", "p_d_given_c", "p_d_given_w", "realized_accuracy", "predicted_accuracy@3",
@@ -36,15 +36,36 @@ def evaluate_groups(groups: dict[str, list[str]], n_questions: int, n_ood: int =
     return pd.concat(frames, ignore_index=True)
 
 
+# Metrics confined to [0, 1] (proportions, accuracies, AUCs; the name before any "@k"): their
+# intervals over seeds stay inside (as do those of the positive ratios and the cosines).
+UNIT_METRICS = {"p_s_first", "p_s", "p_d_given_c", "p_d_given_w", "realized_accuracy", "predicted_accuracy", "pass",
+                "malformed", "greedy_accuracy", "sample_accuracy", "slip_share", "within_auc", "own_logprob_auc",
+                "corruption_auc", "e_plus", "e_minus", "episode_accuracy", "episode_malformed",
+                "episode_accuracy_no_reflection", "decision_token_share"}
+POSITIVE_METRICS = {"imbalance_index", "ratio_decision_to_sample"}
+
+
+def metric_bounds(metric: str) -> tuple[float, float | None] | None:
+    """The range a metric's values cannot leave (``None``: unbounded), by its name before any "@k"."""
+    base = str(metric).split("@")[0]
+    if base in UNIT_METRICS:
+        return 0.0, 1.0
+    if base in POSITIVE_METRICS:
+        return 0.0, None
+    return (-1.0, 1.0) if base == "cosine" else None
+
+
 def over_seeds(df: pd.DataFrame, value: str = "value", keys=("label", "cell", "metric")) -> pd.DataFrame:
-    """Mean over seeds with a 95% t-interval; with one seed, that seed's own interval (lo, hi)."""
+    """Mean over seeds with a 95% interval (``stats.seed_interval``: Student's t, on a scale that keeps
+    each metric inside ``metric_bounds``, so a proportion's or AUC's interval stays in [0, 1]); with
+    one seed, that seed's own interval (lo, hi). Values other than ``"value"`` (differences) are unbounded."""
     rows = []
     for key, part in df.groupby(list(keys), sort=False):
         v = part[value].to_numpy(float)
         k = len(v)
         if k > 1:
-            half = stats.t.ppf(0.975, k - 1) * v.std(ddof=1) / np.sqrt(k)
-            lo, hi = v.mean() - half, v.mean() + half
+            metric = dict(zip(keys, key)).get("metric", "")
+            lo, hi = seed_interval(v, metric_bounds(metric) if value == "value" else None)
         else:
             lo, hi = float(part["lo"].iloc[0]), float(part["hi"].iloc[0])
         rows.append({**dict(zip(keys, key)), "mean": v.mean(), "lo": lo, "hi": hi, "seeds": k})

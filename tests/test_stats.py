@@ -31,3 +31,20 @@ def test_intervals_cover_their_estimate_and_are_nan_when_empty():
     assert d == pytest.approx(0.1) and hi - d == pytest.approx(1.959964 * np.sqrt(0.0049), rel=1e-5)
     lo, hi = stats.wilson(0, 10)
     assert lo == pytest.approx(0, abs=1e-12) and 0.25 < hi < 0.35
+
+
+def test_seed_interval_is_students_t_and_stays_inside_bounds():
+    from scipy import stats as scipy_stats
+
+    from tsds_interp.stats import seed_interval
+
+    v = np.array([0.9, 0.95, 0.93])
+    half = scipy_stats.t.ppf(0.975, 2) * v.std(ddof=1) / np.sqrt(3)
+    assert np.allclose(seed_interval(v), (v.mean() - half, v.mean() + half))
+    for values, bounds in [([0.92, 1.0, 1.0], (0, 1)), ([0.0, 0.0, 0.28], (0, 1)), ([0.1, 3.0, 6.0], (0, None)),
+                           ([-0.99, -0.5, 0.2], (-1, 1))]:
+        lo, hi = seed_interval(np.array(values), bounds)
+        assert bounds[0] <= lo <= np.mean(values) <= hi and (bounds[1] is None or hi <= bounds[1]), (values, lo, hi)
+        t_lo, t_hi = seed_interval(np.array(values))
+        assert t_lo < bounds[0] or (bounds[1] is not None and t_hi > bounds[1])  # the case the bounds are for
+    assert np.isnan(seed_interval(np.array([0.5]))).all()

@@ -1,7 +1,7 @@
 """The statistics every analysis shares: intervals for proportions, means and ratios, differences,
 and the within-question comparison of a truth against the model's own wrong candidates.
 
-Pure numpy on arrays; nothing here runs a model. Every interval is two-sided 95% unless a
+Numpy (and scipy's t quantiles) on arrays; nothing here runs a model. Every interval is two-sided 95% unless a
 ``level`` says otherwise; bootstraps resample questions (the unit the claims are about) and are
 seeded by the ``rng`` passed in. Empty input gives ``nan`` rather than an error, so a cell without
 wrong samples shows as missing, not as a number.
@@ -10,12 +10,45 @@ wrong samples shows as missing, not as a number.
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 Z95 = 1.959963984540054
 # Two decision scores of one question tie when they agree up to the float rounding of batched runs.
 TIE_RTOL, TIE_ATOL = 1e-5, 1e-6
 
 Interval = tuple[float, float, float]  # (estimate, lo, hi)
+
+
+def seed_interval(values: np.ndarray, bounds: tuple[float, float | None] | None = None, level: float = 0.95
+                  ) -> tuple[float, float]:
+    """Interval of the mean of a few independent runs' values (seeds): Student's t. For a quantity
+    confined to ``bounds`` the t-interval is taken on a scale that keeps it inside: the logit of the
+    value's place between two bounds (a proportion or an AUC: ``(0, 1)``; values within 1e-3 of a bound
+    count as that close), the log of its distance above a lower bound alone (``(0, None)``: a
+    ratio). ``nan`` for fewer than two values."""
+    v = np.asarray(values, float)
+    if len(v) < 2 or np.isnan(v).any():
+        return float("nan"), float("nan")
+    t = scipy_stats.t.ppf(0.5 + level / 2, len(v) - 1)
+    if bounds is None:
+        half = t * v.std(ddof=1) / np.sqrt(len(v))
+        return float(v.mean() - half), float(v.mean() + half)
+    a, b = bounds
+    if b is None:
+        to, back = np.log, np.exp
+        u = np.maximum(v - a, 1e-3 * max(float(np.abs(v - a).max()), 1e-12))
+    else:
+        def to(x):
+            return np.log(x / (1 - x))
+
+        def back(z):
+            return 1 / (1 + np.exp(-z))
+        u = np.clip((v - a) / (b - a), 1e-3, 1 - 1e-3)
+    z = to(u)
+    half = t * z.std(ddof=1) / np.sqrt(len(z))
+    lo, hi = min(back(z.mean() - half), u.mean()), max(back(z.mean() + half), u.mean())
+    scale = 1.0 if b is None else b - a
+    return float(a + scale * lo), float(a + scale * hi)
 
 
 def wilson(k: np.ndarray | int, n: np.ndarray | int, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,60 @@ def number(name: str, value, *, lo: float | None = None, hi: float | None = None
     return value
 
 
+def token_ids(tokens, vocab: int, name: str = "tokens") -> torch.Tensor:
+    """``tokens`` as a non-empty ``[batch, pos]`` long tensor of ids in ``0 .. vocab - 1``."""
+    if not isinstance(tokens, torch.Tensor):
+        try:
+            tokens = torch.as_tensor(tokens)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a [batch, pos] table of integer token ids") from None
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got {tokens.dtype}")
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"{name} must be a non-empty [batch, pos] table of token ids, got shape {tuple(tokens.shape)}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{name} hold id {low if low < 0 else high}, outside the model's vocabulary 0..{vocab - 1}")
+    return tokens.long()
+
+
+def contrast(model, clean, corrupted, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two token batches, checked: token ids of the model's vocabulary, one shape, a known
+    ``direction``; else ``ValueError``."""
+    vocab = model.cfg.d_vocab
+    clean = token_ids(clean, vocab, "clean tokens")
+    corrupted = token_ids(corrupted, vocab, "corrupted tokens")
+    if clean.shape != corrupted.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens "
+                         "must have the same shape")
+    if direction not in ("denoise", "noise"):
+        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+    device = next(model.parameters()).device
+    return clean.to(device), corrupted.to(device)
+
+
+def metric(fn, differentiable: bool = False):
+    """``fn`` wrapped so that each output is checked: one finite number, as a tensor (and one that
+    carries a gradient when ``differentiable``: attribution patching needs it)."""
+    if not callable(fn):
+        raise ValueError(f"metric must be a function of the logits returning one number, got {type(fn).__name__}")
+
+    def checked(logits: torch.Tensor) -> torch.Tensor:
+        value = fn(logits)
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"the metric must return a tensor computed from the logits, got {type(value).__name__}")
+        if value.numel() != 1:
+            raise ValueError(f"the metric must return one number (e.g. a mean over the batch), got shape "
+                             f"{tuple(value.shape)}")
+        if not torch.isfinite(value.detach()).all():
+            raise ValueError(f"the metric returned {value.item()}; it must be finite")
+        if differentiable and not value.requires_grad:
+            raise ValueError("the metric must be differentiable in the logits (attribution patching takes its "
+                             "gradient); it returned a tensor without one")
+        return value.reshape(())
+    return checked
+
+
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from jaxtyping import Float, Int  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from tsds_interp import checks  # noqa: E402
 from tsds_interp.components import Component, components  # noqa: E402
 
 Metric = Callable[[Tensor], Tensor]
@@ -143,13 +144,9 @@ def edge_attribution(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tens
     """First-order change of the metric from patching each edge alone (source output into the base
     run's receiver): one row per edge (``source``, ``target``, ``score``), valid edges only."""
     check_supported(model)
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-    if ig_steps < 1:
-        raise ValueError(f"ig_steps must be >= 1, got {ig_steps}")
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens "
-                         "must have the same shape")
+    clean, corrupted = checks.contrast(model, clean, corrupted, direction)
+    checks.number("ig_steps", ig_steps, lo=1, hi=1000, integer=True)
+    metric = checks.metric(metric, differentiable=True)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     names = _names(model)
     with torch.no_grad():
@@ -176,6 +173,10 @@ def edge_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "b
     u added to v's input only (for a head: its own queries, keys and values), everything after v
     recomputed. One row per edge with the change of the metric from the base run (``effect``)."""
     check_supported(model)
+    clean, corrupted = checks.contrast(model, clean, corrupted, direction)
+    metric = checks.metric(metric)
+    if isinstance(edges, str) or not all(isinstance(e, tuple | list) and len(e) == 2 for e in edges):
+        raise ValueError("edges must be a list of (source, target) label pairs, e.g. [('L0H1', 'L2.mlp')]")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     names = _names(model)
     _, src = model.run_with_cache(source, names_filter=lambda n: n in names)

@@ -17,6 +17,7 @@ from tsds_interp import checks
 
 ARCHITECTURES = ("gpt2", "llama", "qwen2", "mistral")
 SPECIAL = ("<pad>", "<bos>", "<eos>", "<unk>")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def word_tokenizer(words: list[str]):
@@ -67,6 +68,10 @@ def boot(folder: str | os.PathLike, device: str = "cpu"):
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} has no config.json; write a model there with save_pretrained")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{folder} has no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the model's tokenizer "
+                         f"there with tokenizer.save_pretrained")
+    device = checks.device(str(device))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = TransformerBridge.boot_transformers(str(folder), device=device)
     model.eval()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tsds_interp import checks
 from tsds_interp.rollout import ACCEPTED, NOT_REACHED, REJECTED, Rollouts, StepRollouts
 from tsds_interp.stats import (
     Z95,
@@ -36,6 +37,11 @@ from tsds_interp.task import (
 def predicted_accuracy(p_s, p_dc, p_dw, budget: int | None):
     """Accuracy of the DS process from its three probabilities; ``budget=None`` is unbounded."""
     p_s, p_dc, p_dw = (np.asarray(x, float) for x in (p_s, p_dc, p_dw))
+    for name, x in (("p_s", p_s), ("p_dc", p_dc), ("p_dw", p_dw)):
+        if ((x < 0) | (x > 1)).any():  # nan (an undefined proportion) gives nan
+            raise ValueError(f"{name} must be a probability in [0, 1], got {x.tolist()!r}")
+    if budget is not None:
+        checks.number("budget", budget, lo=1, hi=10**6, integer=True)
     stop_right = p_s * p_dc
     stop_wrong = (1 - p_s) * (1 - p_dw)
     if budget is None:
@@ -51,6 +57,10 @@ def predicted_accuracy(p_s, p_dc, p_dw, budget: int | None):
 def simulate_ds(p_s: float, p_dc: float, p_dw: float, budget: int, n: int, seed: int = 0
                 ) -> np.ndarray:
     """Monte Carlo of the DS process: whether each of ``n`` episodes ends with a right answer."""
+    for name, x in (("p_s", p_s), ("p_dc", p_dc), ("p_dw", p_dw)):
+        checks.number(name, x, lo=0, hi=1)
+    checks.number("budget", budget, lo=1, hi=10**6, integer=True)
+    checks.number("n", n, lo=1, hi=10**9, integer=True)
     rng = np.random.default_rng(seed)
     result = np.zeros(n, bool)
     alive = np.ones(n, bool)
@@ -129,8 +139,12 @@ def ds_metrics(r: Rollouts, budget: int | None = None, n_boot: int = 2000, seed:
     ``cell`` is ``"da x db"`` for each difficulty cell and ``"all"`` for the whole batch. Step-format
     rollouts get :func:`step_ds_metrics`.
     """
+    if not isinstance(r, Rollouts | StepRollouts):
+        raise ValueError(f"ds_metrics measures the Rollouts that tsds_interp.rollout.rollout returns, got "
+                         f"{type(r).__name__}; for your own traces use tsds_interp.traces.ds_counts")
     if len(r) == 0:
         raise ValueError("no rollouts to measure; roll out at least one question")
+    checks.number("n_boot", n_boot, lo=1, hi=10**6, integer=True)
     if isinstance(r, StepRollouts):
         return step_ds_metrics(r, budget, n_boot, seed)
     budget = budget or r.decisions.shape[1]

@@ -134,12 +134,15 @@ def grow(model, add_layers: int, seed: int = 0) -> TransformerBridge:
     return bigger
 
 
-def config_of(model) -> ModelConfig:
-    """The :class:`ModelConfig` a model was built from."""
+def config_of(model, takes_task: bool = False) -> ModelConfig:
+    """The :class:`ModelConfig` a model was built from (``takes_task``: the caller accepts a
+    ``task=`` argument instead, which the error then suggests)."""
     cfg = getattr(model, "tsds_config", None)
     if cfg is None:
-        raise ValueError("this model was not built by tsds_interp.model.build_model/load, so it has no task; "
-                         "pass task=TaskConfig(...) where the function takes one, or use tsds_interp.traces")
+        fix = ("pass task=TaskConfig(...)" if takes_task else
+               "this works on models built by tsds_interp.model.build_model or load; for your own model use "
+               "tsds_interp.traces (role_attribution, ds_counts, patch, generate)")
+        raise ValueError(f"this model was not built by tsds_interp.model.build_model/load, so it has no task; {fix}")
     return cfg
 
 
@@ -148,7 +151,7 @@ def task_of(model, task: TaskConfig | None = None) -> TaskConfig:
     answer order fix the token layout), or the model's task when ``task`` is None."""
     own = getattr(model, "tsds_config", None)
     if task is None:
-        return config_of(model).task
+        return config_of(model, takes_task=True).task
     if own is not None:
         for field_name in ("width", "task_format", "answer_order"):
             if getattr(task, field_name) != getattr(own.task, field_name):

@@ -46,9 +46,13 @@ GRIDS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def hook_name(grid: str, layer: int) -> str:
+    check_grid(grid)
+    return f"blocks.{layer}.{GRIDS[grid][0]}"
+
+
+def check_grid(grid: str) -> None:
     if grid not in GRIDS:
         raise ValueError(f"unknown patching grid {grid!r}; choose one of {', '.join(GRIDS)}")
-    return f"blocks.{layer}.{GRIDS[grid][0]}"
 
 
 def check_hook_names(model, names: list[str]) -> None:
@@ -89,24 +93,15 @@ def _bytes_per_variant(cfg, B: int, T: int) -> int:
     return 4 * B * T * (cfg.d_model * 12 + cfg.n_heads * T + cfg.d_vocab)
 
 
-def check_contrast(clean: Tensor, corrupted: Tensor, direction: str) -> None:
-    """``ValueError`` unless the two token batches have one shape and ``direction`` is known."""
-    if clean.shape != corrupted.shape:
-        raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(corrupted.shape)} tokens "
-                         "must have the same shape")
-    if clean.ndim != 2 or clean.shape[0] == 0:
-        raise ValueError(f"tokens must be a non-empty [batch, pos] tensor, got shape {tuple(clean.shape)}")
-    if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', got {direction!r}")
-
-
 @torch.no_grad()
 def activation_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Tensor, "batch pos"],
                      metric: Metric, grid: str = "head", direction: Direction = "denoise",
                      memory_mb: float = 256.0) -> Tensor:
     """Metric after patching each cell of ``grid``; shaped like ``transformer_lens.patching``'s
     result ([layer, pos], [layer, head] or [layer, pos, head])."""
-    check_contrast(clean, corrupted, direction)
+    clean, corrupted = checks.contrast(model, clean, corrupted, direction)
+    check_grid(grid)
+    metric = checks.metric(metric)
     checks.number("memory_mb", memory_mb, lo=0, hi=1e7, lo_open=True)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     if grid == "head_pos" and use_own_weights(model, "head_pos patching"):
@@ -230,7 +225,9 @@ def attribution_patch(model, clean: Int[Tensor, "batch pos"], corrupted: Int[Ten
                       metric: Metric, grid: str = "head", direction: Direction = "denoise",
                       ig_steps: int = 1) -> Tensor:
     """First-order estimate of :func:`activation_patch` minus the base run's metric, same shape."""
-    check_contrast(clean, corrupted, direction)
+    clean, corrupted = checks.contrast(model, clean, corrupted, direction)
+    check_grid(grid)
+    metric = checks.metric(metric, differentiable=True)
     checks.number("ig_steps", ig_steps, lo=1, hi=1000, integer=True)
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     names = [hook_name(grid, layer) for layer in range(model.cfg.n_layers)]

@@ -13,6 +13,7 @@ or in any batch. Rows that finish leave the batch (and the cache) at once.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -130,8 +131,12 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
     """
     task, dtemp = _rollout_settings(model, questions, task, budget, temperature, decision_temperature,
                                     seed, batch_size)
+    if rows is not None and (not isinstance(rows, slice) or not range(len(questions))[rows]):
+        raise ValueError(f"rows must be a slice selecting at least one of the {len(questions)} questions, "
+                         f"got {rows!r}")
     if task.steps:
-        return _step_rollout(model, questions, task, temperature, dtemp, seed, batch_size, cached, rows)
+        return _warn_if_all_malformed(_step_rollout(model, questions, task, temperature, dtemp, seed, batch_size,
+                                                    cached, rows))
     n_steps = task.budget * task.attempt_len
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(len(questions), n_steps, generator=gen, dtype=torch.float64)
@@ -144,13 +149,26 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
         sl = slice(start, start + batch_size)
         parts.append(_rollout_batch(model, questions[sl], uniforms[sl], task, temperature, dtemp,
                                     decoder, device))
-    return Rollouts.cat(parts)
+    return _warn_if_all_malformed(Rollouts.cat(parts))
+
+
+def _warn_if_all_malformed(r):
+    if len(r) > 1 and bool(r.malformed.all()):
+        warnings.warn(f"all {len(r)} episodes are malformed (the model never wrote a well-formed candidate and "
+                      "decision): is it trained on this task format?", stacklevel=3)
+    return r
 
 
 def _rollout_settings(model, questions, task, budget, temperature, decision_temperature, seed, batch_size):
     task = task_of(model, task)
     if budget is not None:
         task = TaskConfig(**{**task.to_dict(), "budget": budget})
+    if not isinstance(questions, Questions):
+        raise ValueError(f"questions must be a tsds_interp.task.Questions (e.g. from sample_questions), got "
+                         f"{type(questions).__name__}")
+    if questions.a.ndim != 1 or questions.a.shape != questions.b.shape:
+        raise ValueError(f"questions' operands must be two 1-d tensors of one length, got shapes "
+                         f"{tuple(questions.a.shape)} and {tuple(questions.b.shape)}")
     if len(questions) == 0:
         raise ValueError("no questions to roll out; pass at least one")
     checks.number("temperature", temperature, lo=0, hi=100)

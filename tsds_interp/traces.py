@@ -27,9 +27,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from tsds_interp import checks
 from tsds_interp.forward import KVCache, use_own_weights
 from tsds_interp.gradient_split import OBJECTIVES, Trajectories, attribute, summarize
-from tsds_interp.patching import GRIDS, activation_patch, attribution_patch, to_frame
+from tsds_interp.patching import activation_patch, attribution_patch, check_grid, to_frame
 from tsds_interp.rollout import UncachedStepper, sample_tokens
 from tsds_interp.stats import wilson
 from tsds_interp.task import DECISION, END, PADDING, PROMPT, ROLE_NAMES, SAMPLE
@@ -41,25 +42,34 @@ def role_ids(roles) -> Int[Tensor, "batch pos"]:
     """Roles as ids: a tensor of ids, or nested lists of ids or names (``"prompt"``, ``"sample"``,
     ``"decision"``, ``"end"``, ``"pad"``)."""
     if isinstance(roles, Tensor):
+        if roles.dtype.is_floating_point or roles.dtype == torch.bool:
+            raise ValueError(f"roles must be integer ids or names, got a {roles.dtype} tensor")
         out = roles.long()
     else:
         try:
-            out = torch.tensor([[ROLE_OF[r] if isinstance(r, str) else int(r) for r in row] for row in roles])
+            out = torch.tensor([[ROLE_OF[r] if isinstance(r, str) else _role_int(r) for r in row] for row in roles])
         except KeyError as e:
             raise ValueError(f"unknown role {e.args[0]!r}; roles are {', '.join(ROLE_NAMES)}") from None
+        except (TypeError, ValueError) as e:  # ragged rows, scalars, non-integers
+            if "unknown role" in str(e) or "must be" in str(e):
+                raise
+            raise ValueError("roles must be rows of equal length, one role name or id per token") from None
     if out.ndim != 2 or not ((out >= PROMPT) & (out <= PADDING)).all():
         raise ValueError(f"roles must be a [batch, pos] table of {', '.join(ROLE_NAMES)} (ids 0-4)")
     return out
 
 
+def _role_int(r) -> int:
+    if isinstance(r, bool) or not isinstance(r, int | np.integer):
+        raise ValueError(f"a role must be a name ({', '.join(ROLE_NAMES)}) or an id 0-4, got {r!r}")
+    return int(r)
+
+
 def traces(tokens, roles, reward=None, group: int = 1, source: str = "traces") -> Trajectories:
     """Checked :class:`~tsds_interp.attribution.Trajectories` from token ids and roles (``reward``
     per row, rows in groups of ``group`` of the same prompt: needed by the ``surrogate`` objective)."""
-    tokens = torch.as_tensor(tokens)
+    tokens = checks.token_ids(tokens, 2**62)
     roles = role_ids(roles)
-    if tokens.dtype.is_floating_point or tokens.ndim != 2:
-        raise ValueError(f"tokens must be a [batch, pos] table of integer ids, got {tuple(tokens.shape)} "
-                         f"{tokens.dtype}")
     if tokens.shape != roles.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and roles {tuple(roles.shape)} must have the same shape")
     if not ((roles == SAMPLE) | (roles == DECISION)).any():
@@ -68,6 +78,11 @@ def traces(tokens, roles, reward=None, group: int = 1, source: str = "traces") -
         reward = torch.as_tensor(reward, dtype=torch.float32)
         if reward.shape != (len(tokens),):
             raise ValueError(f"reward must have one value per row ({len(tokens)}), got shape {tuple(reward.shape)}")
+        if not torch.isfinite(reward).all():
+            raise ValueError("reward must be finite in every row")
+    checks.number("group", group, lo=1, hi=len(tokens), integer=True)
+    if len(tokens) % group:
+        raise ValueError(f"{len(tokens)} rows are not a whole number of groups of {group}")
     return Trajectories(tokens.long(), roles, reward, group, source)
 
 
@@ -77,6 +92,8 @@ def role_attribution(model, tokens, roles, objectives: Sequence[str] = ("sft_tok
     :func:`tsds_interp.attribution.attribute` and :func:`~tsds_interp.attribution.summarize` give
     them (totals, parameter groups, activations; ratio, cosine, imbalance index)."""
     batch = traces(tokens, roles, reward, group)
+    checks.token_ids(batch.tokens, model.cfg.d_vocab)
+    objectives = (objectives,) if isinstance(objectives, str) else tuple(objectives)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
         raise ValueError(f"unknown objective {bad[0]!r}; choose from {', '.join(OBJECTIVES)}")
@@ -91,7 +108,9 @@ def role_attribution(model, tokens, roles, objectives: Sequence[str] = ("sft_tok
 def attempts(tokens, roles) -> list[list[tuple[list[int], int]]]:
     """Per row, its attempts in order: (the candidate's token ids, the decision token id). A
     candidate is the run of sample tokens right before a decision token."""
-    tokens, roles = torch.as_tensor(tokens), role_ids(roles)
+    tokens, roles = checks.token_ids(tokens, 2**62), role_ids(roles)
+    if tokens.shape != roles.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and roles {tuple(roles.shape)} must have the same shape")
     out = []
     for row_tokens, row_roles in zip(tokens.tolist(), roles.tolist()):
         row, candidate = [], []
@@ -107,6 +126,10 @@ def attempts(tokens, roles) -> list[list[tuple[list[int], int]]]:
     return out
 
 
+def _is_bool(x) -> bool:
+    return isinstance(x, bool | np.bool_) or (isinstance(x, Tensor) and x.dtype == torch.bool and x.numel() == 1)
+
+
 def ds_counts(tokens, roles, accept: int, reject: int,
               correct: Sequence[Sequence[bool]] | Callable[[int, list[int]], bool]) -> pd.DataFrame:
     """The DS decomposition of the traces' attempts.
@@ -117,11 +140,20 @@ def ds_counts(tokens, roles, accept: int, reject: int,
     ``p_d_given_w`` (rejects among wrong ones), ``other_decision`` (decision tokens that are neither);
     columns ``metric, value, lo, hi, k, n`` with Wilson 95% intervals.
     """
+    for name, value in (("accept", accept), ("reject", reject)):
+        checks.number(name, value, lo=0, integer=True)
+    if accept == reject:
+        raise ValueError(f"accept and reject must be different token ids, got {accept} for both")
     rows = attempts(tokens, roles)
+    if not callable(correct) and len(correct) != len(rows):
+        raise ValueError(f"correct has labels for {len(correct)} rows, the traces have {len(rows)}")
     k = dict.fromkeys(("p_s", "p_s_first", "p_d_given_c", "p_d_given_w", "other_decision"), 0)
     n = dict.fromkeys(k, 0)
     for i, row in enumerate(rows):
         labels = [correct(i, c) for c, _ in row] if callable(correct) else list(correct[i])
+        if not all(_is_bool(x) for x in labels):
+            raise ValueError(f"correctness labels must be True or False, row {i} has {labels!r}")
+        labels = [bool(x) for x in labels]
         if len(labels) != len(row):
             raise ValueError(f"row {i} has {len(row)} attempts but {len(labels)} correctness labels")
         for j, ((_, decision), right) in enumerate(zip(row, labels)):
@@ -152,11 +184,12 @@ def patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor], grid: str
     metric from the unpatched base run, exact (``activation``) or first-order (``attribution``), the
     same column as in ``patch``'s ``patching.csv``; ``metric_after`` (activation only) is the metric
     with the cell patched, and ``base_metric`` the base run's."""
-    if grid not in GRIDS:
-        raise ValueError(f"unknown patching grid {grid!r}; choose one of {', '.join(GRIDS)}")
-    clean, corrupted = torch.as_tensor(clean), torch.as_tensor(corrupted)
+    check_grid(grid)
+    clean, corrupted = checks.contrast(model, clean, corrupted, direction)
+    if method not in ("activation", "attribution"):
+        raise ValueError(f"method must be activation or attribution, got {method!r}")
     with torch.no_grad():
-        base = float(metric(model(corrupted if direction == "denoise" else clean)))
+        base = float(checks.metric(metric)(model(corrupted if direction == "denoise" else clean)))
     if method == "activation":
         after = activation_patch(model, clean, corrupted, metric, grid, direction, **kw)
         df = to_frame(after - base, grid, method=method, direction=direction).rename(columns={"value": "effect"})

@@ -108,3 +108,79 @@ def test_gain_decomposition_adds_up_and_isolates_each_part():
     assert ep.loc["sampling", "value"] + ep.loc["decision", "value"] == pytest.approx(ep.loc["total", "value"])
     with pytest.raises(ValueError, match="level"):
         gain_decomposition(base, base, budget=3, level="call")
+
+
+def test_every_proportion_row_carries_its_wilson_interval_and_count():
+    df = ds_metrics(_constructed()).set_index(["cell", "metric"])
+    for metric, (k, n) in {"p_s": (4, 10), "p_s_first": (2, 6), "p_d_given_c": (2, 4), "p_d_given_w": (3, 6),
+                           "realized_accuracy": (3, 6), "pass@3": (4, 6), "malformed": (1, 6)}.items():
+        lo, hi = wilson(k, n)
+        row = df.loc[("1x1", metric)]
+        assert (row.n, row.lo, row.hi) == pytest.approx((n, float(lo), float(hi))), metric
+
+
+def test_predicted_accuracy_has_a_bootstrap_interval_around_it():
+    df = ds_metrics(_constructed(), n_boot=4000, seed=3).set_index(["cell", "metric"])
+    for name in ("predicted_accuracy@3", "predicted_accuracy@inf"):
+        row = df.loc[("1x1", name)]
+        assert row.n == 10  # candidates
+        assert 0 <= row.lo < row.value < row.hi <= 1 and row.hi - row.lo > 0.1, (name, row.lo, row.hi)
+    # the bootstrap draws p_s, p_d|C and p_d|W from their counts: its middle is near the point value
+    again = ds_metrics(_constructed(), n_boot=4000, seed=4).set_index(["cell", "metric"])
+    assert again.loc[("1x1", "predicted_accuracy@3"), "lo"] == pytest.approx(
+        df.loc[("1x1", "predicted_accuracy@3"), "lo"], abs=0.05)
+
+
+def test_no_wrong_candidate_leaves_predicted_accuracy_without_an_interval():
+    r = _constructed()[[0]]  # one episode, its one candidate right
+    row = ds_metrics(r).set_index(["cell", "metric"]).loc[("1x1", "predicted_accuracy@3")]
+    assert np.isnan(row.lo) and np.isnan(row.hi)
+
+
+def test_simulate_ds_defaults_and_extremes():
+    assert np.array_equal(simulate_ds(0.4, 0.7, 0.6, 3, 500), simulate_ds(0.4, 0.7, 0.6, 3, 500, seed=0))
+    out = simulate_ds(1.0, 1.0, 0.0, 2, 50)
+    assert out.dtype == bool and out.all()
+    assert not simulate_ds(0.0, 0.5, 0.5, 3, 50).any()
+
+
+def test_cells_are_measured_apart_and_together():
+    r = _constructed()
+    r.a = torch.tensor([3, 3, 13, 13, 3, 3])    # episodes 0-1 and 4-5: 1x1 or 1x2; 2-3: 2x1 or 2x2
+    r.b = torch.tensor([4, 14, 4, 14, 4, 4])
+    df = ds_metrics(r).set_index(["cell", "metric"])
+    cells = {c for c, _ in df.index}
+    assert cells == {"1x1", "1x2", "2x1", "2x2", "all"}
+    assert df.loc[("1x1", "realized_accuracy"), "n"] == 3 and df.loc[("all", "realized_accuracy"), "n"] == 6
+    assert df.loc[("2x2", "p_s"), ["value", "n"]].tolist() == [1 / 3, 3]  # episode 3: R R then the right one
+    assert df.loc[("all", "p_s"), "value"] == pytest.approx(0.4)
+    assert ("all", "predicted_accuracy@3") in df.index  # the budget of the rollouts, for every cell
+
+
+def test_mean_attempts_interval_and_defaults():
+    df = ds_metrics(_constructed()).set_index(["cell", "metric"])
+    att = np.array([1, 2, 1, 3, 2, 1], float)
+    half = 1.959963984540054 * att.std(ddof=1) / np.sqrt(6)
+    row = df.loc[("1x1", "mean_attempts")]
+    assert (row.value, row.lo, row.hi, row.n) == pytest.approx((att.mean(), att.mean() - half, att.mean() + half, 6))
+    assert ds_metrics(_constructed()).equals(ds_metrics(_constructed(), n_boot=2000, seed=0))  # the defaults
+    assert not ds_metrics(_constructed(), seed=1).equals(ds_metrics(_constructed()))  # the seed is used
+
+
+def test_gain_decomposition_rows_and_defaults():
+    import pandas as pd
+
+    from tsds_interp.metrics import gain_decomposition
+
+    def frame(cell, p, c, w):
+        return pd.DataFrame([dict(cell=cell, metric=m, value=v, n=300)
+                             for m, v in (("p_s", p), ("p_d_given_c", c), ("p_d_given_w", w))])
+    before = pd.concat([frame("2x2", 0.4, 0.8, 0.3), frame("3x3", 0.2, 0.7, 0.4)])
+    after = pd.concat([frame("2x2", 0.6, 0.9, 0.5), frame("4x4", 0.5, 0.5, 0.5)])  # 4x4 only after, 3x3 only before
+    df = gain_decomposition(before, after, budget=3)
+    assert set(df.cell) == {"2x2"} and set(df.level) == {"step"} and set(df.part) == {"total", "sampling", "decision"}
+    assert (df.lo < df.value).all() and (df.value < df.hi).all()
+    assert df.equals(gain_decomposition(before, after, budget=3, n_boot=2000, seed=0))
+    assert not df.equals(gain_decomposition(before, after, budget=3, seed=1))
+    single = frame("2x2", 0.6, 0.9, 0.5).assign(n=[300, 1, 300])
+    assert len(gain_decomposition(frame("2x2", 0.4, 0.8, 0.3), single, budget=3)) == 3  # n = 1 is still data

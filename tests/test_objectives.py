@@ -119,3 +119,64 @@ def test_token_logprobs_match_log_softmax(random_model):
 def test_unknown_weighting():
     with pytest.raises(ValueError, match="unknown weighting"):
         aggregation_weights(ROLES, "mean")
+
+
+# ---------------------------------------------------------------- known answers, term by term
+
+def test_role_loss_is_the_roles_own_tokens():
+    logp = _logp(False)
+    terms = sft_terms(logp, ROLES, "token_sum")
+    for role in (S, D):
+        expected = (-logp * (ROLES == role)).sum() / len(ROLES)
+        assert terms.role_loss(role).item() == pytest.approx(expected.item(), rel=1e-6)
+    kl = kl_terms(logp, logp - 0.5, ROLES, weighting="token_sum")
+    assert kl.role_loss(D).item() == pytest.approx((0.1 * (0.5 - 1 + 0.6065306597) * (ROLES == D)).sum().item() / 2,
+                                                   rel=1e-5)  # k3 at log ratio -0.5, beta 0.1 (the default)
+
+
+def test_defaults_are_the_documented_ones():
+    logp = _logp(False)
+    assert torch.equal(sft_terms(logp, ROLES).loss, sft_terms(logp, ROLES, "token_mean").loss)
+    ref = logp - 0.3
+    assert torch.equal(kl_terms(logp, ref, ROLES).loss, kl_terms(logp, ref, ROLES, beta=0.1, estimator="k3").loss)
+    reward, attempts = torch.tensor([1.0, 1.0]), torch.tensor([1, 3])
+    assert torch.equal(discounted_reward(reward, attempts), reward)
+    assert discounted_reward(reward, attempts, 0.5).tolist() == [1.0, 0.25]
+
+
+def test_skipped_tokens_count_for_nothing():
+    logp = _logp(False)
+    skip = torch.zeros_like(ROLES, dtype=torch.bool)
+    skip[1, 1:3] = True  # the first candidate of row 1
+    terms = sft_terms(logp, ROLES, "token_sum", skip=skip)
+    kept = ((ROLES == S) | (ROLES == D)) & ~skip
+    assert terms.loss.item() == pytest.approx((-logp * kept).sum().item() / 2, rel=1e-6)
+    assert (terms.values[skip] == 0).all()
+
+
+def test_role_balanced_gives_the_decision_its_share():
+    logp = _logp(False)
+    for share in (0.2, 0.7):
+        terms = sft_terms(logp, ROLES, "role_balanced", decision_share=share)
+        dec = (-logp * (ROLES == D)).sum() / (ROLES == D).sum()
+        assert terms.role_loss(D).item() == pytest.approx(share * dec.item(), rel=1e-6)
+
+
+def test_grpo_advantages_of_a_pair_and_a_clip_of_zero():
+    adv = advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), group=2)
+    assert adv.tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0], abs=1e-5)
+    with pytest.raises(ValueError, match="clip"):
+        policy_gradient_terms(_logp(False), _logp(False), ROLES, torch.ones(2), clip=0.0)
+
+
+def test_objectives_use_the_total_they_are_given():
+    """With ``total`` summing counts over two equal processes, each process's loss halves."""
+    logp = _logp(False)
+
+    def doubled(x):
+        return 2 * x
+    adv = torch.tensor([1.0, -0.5])
+    for make in (lambda **k: sft_terms(logp, ROLES, "token_mean", **k),
+                 lambda **k: policy_gradient_terms(logp, logp.detach(), ROLES, adv, **k),
+                 lambda **k: kl_terms(logp, logp - 0.2, ROLES, **k)):
+        assert make(total=doubled).loss.item() == pytest.approx(make().loss.item() / 2, rel=1e-6)

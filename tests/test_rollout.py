@@ -156,3 +156,26 @@ def test_cache_on_real_episodes_matches_the_full_forward(trained_tiny):
         got = [cache.prefill(tokens[:, : task.prompt_len])]
         got += [cache.step(tokens[:, t]) for t in range(task.prompt_len, task.max_len - 1)]
     torch.testing.assert_close(torch.stack(got, 1), full[:, task.prompt_len - 1 : -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rl", "steps_rl"])
+def test_rollouts_in_chunks_with_progress_are_the_same_episodes(name):
+    """``rollout_with_progress`` (used by verify for its progress bar and estimate) gives the episodes of
+    one ``rollout`` call: equal tokens and outcomes, log-probabilities to batch rounding."""
+    import dataclasses
+
+    from tsds_interp.model import config_of, load
+    from tsds_interp.rollout import rollout_with_progress
+
+    model = load(name)
+    q = sample_questions(config_of(model).task, "test", 100, seed=1)
+    whole = rollout(model, q, temperature=1.0, seed=3)
+    chunked = rollout_with_progress(model, q, chunk=32, temperature=1.0, seed=3)
+    for f in dataclasses.fields(whole):
+        a, b = getattr(whole, f.name), getattr(chunked, f.name)
+        if f.name == "logprobs":
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name

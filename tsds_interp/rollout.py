@@ -13,12 +13,14 @@ or in any batch. Rows that finish leave the batch (and the cache) at once.
 
 from __future__ import annotations
 
+import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tsds_interp import checks
 from tsds_interp.forward import KVCache, use_own_weights
@@ -152,6 +154,29 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
     return _warn_if_all_malformed(Rollouts.cat(parts))
 
 
+LONG_RUN_S = 3600.0  # an estimate above this gets a warning before the run goes on
+
+
+def rollout_with_progress(model, questions: Questions, desc: str = "rollouts", chunk: int = 256, **kw):
+    """:func:`rollout` of ``questions`` in row chunks (the very episodes of one call: ``rows`` keeps
+    each row's random draws) with a progress bar and time estimate (shown on a terminal), and a
+    warning on the console when the estimate passes an hour."""
+    n = len(questions)
+    if n <= chunk:
+        return rollout(model, questions, **kw)
+    parts, start = [], time.perf_counter()
+    with tqdm(total=n, desc=desc, unit="episode", disable=None) as bar:
+        for lo in range(0, n, chunk):
+            parts.append(rollout(model, questions, rows=slice(lo, lo + chunk), **kw))
+            bar.update(len(parts[-1]))
+            if lo == 0:
+                estimate = (time.perf_counter() - start) * n / len(parts[0])
+                if estimate > LONG_RUN_S:
+                    warnings.warn(f"{desc}: {n} episodes will take about {estimate / 3600:.1f} h at this rate; "
+                                  "Ctrl-C stops the run, fewer questions or samples shorten it", stacklevel=2)
+    return type(parts[0]).cat(parts)
+
+
 def _warn_if_all_malformed(r):
     if len(r) > 1 and bool(r.malformed.all()):
         warnings.warn(f"all {len(r)} episodes are malformed (the model never wrote a well-formed candidate and "
@@ -277,6 +302,16 @@ class StepRollouts:
 
     def __len__(self) -> int:
         return self.a.shape[0]
+
+    @staticmethod
+    def cat(parts: list[StepRollouts]) -> StepRollouts:
+        """Episodes of several batches in order (attempts' episode indices shifted to match)."""
+        out, offset = [], 0
+        for part in parts:
+            out.append(replace(part, episode=part.episode + offset))
+            offset += len(part)
+        return StepRollouts(**{f.name: torch.cat([getattr(p, f.name) for p in out]) if f.name != "budget"
+                               else parts[0].budget for f in fields(StepRollouts)})
 
 
 def _step_rollout(model, q: Questions, task: TaskConfig, temp: float, dtemp: float, seed: int,

@@ -23,7 +23,7 @@ from tsds_interp import checks
 from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import config_of
 from tsds_interp.objectives import token_logprobs
-from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts, rollout, sample_steps
+from tsds_interp.rollout import ACCEPTED, REJECTED, Rollouts, rollout, rollout_with_progress, sample_steps
 from tsds_interp.stats import (
     above,
     between_auc,
@@ -118,8 +118,9 @@ def collect_verification(model, questions: Questions, samples: int = 8, temperat
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     greedy = rollout(model, questions, task=task, budget=1, temperature=0.0, seed=seed).values[:, 0]
-    sampled = rollout(model, questions.repeat_interleave(samples), task=task, budget=1,
-                      temperature=temperature, seed=seed + 1).values[:, 0].view(len(questions), samples)
+    sampled = rollout_with_progress(model, questions.repeat_interleave(samples), "sampling candidates", task=task,
+                                    budget=1, temperature=temperature, seed=seed + 1
+                                    ).values[:, 0].view(len(questions), samples)
     v = score_candidates(questions, greedy, sampled, task, lambda t: decision_scores(model, t))
     v.logprob_auc = _logprob_auc(model, questions, sampled, v.attempts[0]["q"], task)
     truth = questions.a * questions.b
@@ -348,7 +349,7 @@ def verification_metrics(model, n_questions: int = 2400, samples: int = 8, tempe
     if task.steps:
         return step_verification_metrics(model, q, samples, temperature, seed, n_boot)
     v = collect_verification(model, q, samples=samples, temperature=temperature, seed=seed)
-    r = rollout(model, q, task=task, temperature=temperature, seed=seed + 2)
+    r = rollout_with_progress(model, q, "full episodes", task=task, temperature=temperature, seed=seed + 2)
     return verification_table(v, hard_cells(task), r, n_boot, seed)
 
 
@@ -474,8 +475,9 @@ def step_verification_metrics(model, q: Questions, samples: int = 8, temperature
     ``episode_accuracy_no_reflection`` (budget 1) and their paired difference ``reflection_gain``."""
     task = config_of(model).task
     v = collect_step_verification(model, q, samples, temperature, seed, task)
-    with_r = rollout(model, q, task=task, temperature=temperature, seed=seed + 2)
-    without_r = rollout(model, q, task=task, budget=1, temperature=temperature, seed=seed + 2)
+    with_r = rollout_with_progress(model, q, "full episodes", task=task, temperature=temperature, seed=seed + 2)
+    without_r = rollout_with_progress(model, q, "episodes without reflection", task=task, budget=1,
+                                      temperature=temperature, seed=seed + 2)
     rng = np.random.default_rng(seed)
     hard = np.isin(v.cells, hard_cells(task))
     groups = [(c, v.cells == c) for c in sorted(set(v.cells))]

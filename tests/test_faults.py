@@ -302,3 +302,24 @@ def test_a_signal_to_a_real_training_saves_a_checkpoint_that_resumes_exactly(tmp
     straight = tmp_path / "straight"
     assert subprocess.run([*args[:-1], str(straight)], env=env, capture_output=True).returncode == 0
     assert _equal(load(out), load(straight))
+
+
+def test_a_missing_rendezvous_peer_is_an_error_within_seconds(tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE=2 with only one process started: a one-line error after TSDS_RENDEZVOUS_S seconds
+    (not torch's 30-minute wait), exit 2, no checkpoint."""
+    import socket
+
+    from tsds_interp.cli import train as train_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(WORLD_SIZE="2", RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                     TSDS_RENDEZVOUS_S="2").items():
+        monkeypatch.setenv(k, v)
+    start = time.monotonic()
+    assert train_cli.main(["pretrain", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert time.monotonic() - start < 60
+    err = capsys.readouterr().err
+    assert "did not all meet" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "x" / "checkpoint").exists()

@@ -9,6 +9,7 @@ is rank 0 of 1 and every method is the identity.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,9 @@ class Dist:
                 self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
                 torch.cuda.set_device(self.device)
             if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
+                backend = "nccl" if self.device.startswith("cuda") else "gloo"
+                dist.init_process_group(backend, store=_rendezvous(self.rank, self.world), rank=self.rank,
+                                        world_size=self.world)
 
     @property
     def is_first(self) -> bool:
@@ -55,6 +58,21 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def _rendezvous(rank: int, world: int) -> dist.Store:
+    """The key-value store the processes meet at (``MASTER_ADDR:MASTER_PORT``). A process that is
+    missing is an error after ``TSDS_RENDEZVOUS_S`` seconds (default 60), not after torch's 30 minutes;
+    under torchrun its agent hosts the store and watches the processes itself."""
+    host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), _env_int("MASTER_PORT", 29500, 1)
+    wait = _env_int("TSDS_RENDEZVOUS_S", 60, 1)
+    hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        return dist.TCPStore(host, port, world, hosts, timeout=timedelta(seconds=wait), wait_for_workers=hosts)
+    except (RuntimeError, OSError) as e:  # torch's DistStoreError is a RuntimeError
+        raise ValueError(f"the {world} processes did not all meet at {host}:{port} within {wait} s "
+                         f"({type(e).__name__}); start every rank (e.g. torchrun --nproc_per_node {world}) or unset "
+                         "WORLD_SIZE and RANK to run one process") from None
 
 
 def _env_int(name: str, default: int, lo: int) -> int:

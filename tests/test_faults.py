@@ -323,3 +323,34 @@ def test_a_missing_rendezvous_peer_is_an_error_within_seconds(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "did not all meet" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_a_reader_that_goes_away_loses_no_results(tmp_path):
+    """``python -m tsds_interp.patch | head -1``: the pipe breaks after the first line, the run still
+    writes every file (run.json last) and exits 0."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tsds_interp.patch", "--out", str(tmp_path / "p")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away
+    _, err = proc.communicate(timeout=300)
+    assert first.startswith(b"activation patching")
+    assert proc.returncode == 0, err[-1000:]
+    assert {"run.json", "patching.csv", "decision_head.png"} <= {p.name for p in (tmp_path / "p").iterdir()}
+    assert b"Traceback" not in err and b"Broken pipe" not in err
+
+
+def test_a_non_ascii_out_on_an_ascii_terminal_is_written_and_shown_escaped(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "r\u00e9sultats"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "ascii"}
+    run = subprocess.run([sys.executable, "-m", "tsds_interp.patch", "--out", str(out)], env=env,
+                         capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-1000:]
+    assert (out / "run.json").is_file()
+    assert b"r\\xe9sultats" in run.stdout and b"Traceback" not in run.stderr

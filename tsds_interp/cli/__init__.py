@@ -6,6 +6,7 @@ of a ``torchrun`` job only."""
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -99,9 +100,54 @@ stage_dir = _checked(lambda text, name: checks.out_dir(text, name, stage=True),
 out_file = _checked(checks.out_file, "Flag type: a file whose folder can be written.")
 
 
+class _ClosedSafe(io.TextIOBase):
+    """Standard output that survives its reader going away (``| head``: after a broken pipe, writes
+    are dropped, so the run goes on to write its files) and a terminal whose encoding cannot show a
+    character (a non-ASCII ``--out`` on an ASCII terminal: written as an escape)."""
+    def __init__(self, stream):
+        self.stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except UnicodeEncodeError:
+                encoding = self.stream.encoding or "ascii"
+                self.write(text.encode(encoding, "backslashreplace").decode(encoding))
+            except BrokenPipeError:
+                self.broken = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.broken = True
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
 def run(body: Callable[[], int | None]) -> int:
     """Call ``body``; a ``ValueError`` (checkpoint errors included), ``OSError`` or
-    ``FloatingPointError`` becomes ``error: ...`` and exit code 2, Ctrl-C exit code 130."""
+    ``FloatingPointError`` becomes ``error: ...`` and exit code 2, Ctrl-C exit code 130. A reader of
+    standard output that goes away (``| head``) loses the rest of the printout, never the files."""
+    stdout = sys.stdout
+    if not isinstance(stdout, _ClosedSafe) and type(stdout).__module__ in ("_io", "io"):
+        sys.stdout = _ClosedSafe(stdout)
+    try:
+        return _run(body)
+    finally:
+        if sys.stdout is not stdout and getattr(sys.stdout, "broken", False):
+            try:  # point the interpreter's final flush at nowhere
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+            except (OSError, ValueError):
+                pass
+        sys.stdout = stdout
+
+
+def _run(body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except KeyboardInterrupt:

@@ -108,7 +108,18 @@ CASES = [
     ("a probability above 1", None, lambda m: metrics.predicted_accuracy(1.2, 0.5, 0.5, 3), "p_s"),
     ("a budget of 0", None, lambda m: metrics.predicted_accuracy(0.5, 0.5, 0.5, 0), "budget"),
     ("simulation of no episodes", None, lambda m: metrics.simulate_ds(0.5, 0.5, 0.5, 3, 0), "n must"),
+    ("a simulated probability above 1", None, lambda m: metrics.simulate_ds(1.5, 0.5, 0.5, 3, 10), "p_s must"),
+    ("a simulated budget of 0", None, lambda m: metrics.simulate_ds(0.5, 0.5, 0.5, 0, 10), "budget must"),
+    ("a fractional budget", None, lambda m: metrics.predicted_accuracy(0.5, 0.5, 0.5, 2.5), "budget must"),
+    ("a negative p_d|W", None, lambda m: metrics.predicted_accuracy(0.5, 0.5, -0.1, None), "p_dw must"),
+    ("no bootstrap draws", None, lambda m: metrics.ds_metrics(rollout_of(m), n_boot=0), "n_boot must"),
 ]
+
+
+def rollout_of(_):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, seed=0, task=TASK))
+    return rollout(model, q())
 
 
 @pytest.mark.parametrize("name, which, call, fragment", CASES, ids=[c[0] for c in CASES])

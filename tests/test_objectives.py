@@ -180,3 +180,33 @@ def test_objectives_use_the_total_they_are_given():
                  lambda **k: policy_gradient_terms(logp, logp.detach(), ROLES, adv, **k),
                  lambda **k: kl_terms(logp, logp - 0.2, ROLES, **k)):
         assert make(total=doubled).loss.item() == pytest.approx(make().loss.item() / 2, rel=1e-6)
+
+
+def test_weights_of_a_single_counted_token_of_each_role():
+    roles = torch.tensor([[P, S, D, E]])
+    for mode in ("token_mean", "sequence_mean", "token_sum"):
+        assert aggregation_weights(roles, mode).sum().item() == pytest.approx(2.0 if mode == "token_sum" else 1.0)
+    balanced = aggregation_weights(roles, "role_balanced", decision_share=0.3)
+    assert balanced[0].tolist() == pytest.approx([0.0, 0.7, 0.3, 0.0])
+
+
+def test_token_entropy_is_the_next_token_distributions():
+    class Fixed(torch.nn.Module):
+        def forward(self, tokens):
+            return torch.log(torch.tensor([0.5, 0.25, 0.25])).expand(*tokens.shape, 3)
+    logp, entropy = token_logprobs(Fixed(), torch.tensor([[0, 1, 2]]))
+    quarter = float(torch.log(torch.tensor(0.25)))
+    assert logp[0].tolist() == pytest.approx([0.0, quarter, quarter])
+    assert entropy[0].tolist() == pytest.approx([0.0, 1.0397208, 1.0397208])  # 1.5 ln 2
+
+
+def test_ppo_clip_bounds_the_ratio_from_both_sides():
+    roles = torch.tensor([[P, S, S]])
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.0, 0.5, 1.6]]))  # ratios 0.5 (below 1 - clip) and 1.6 (above 1 + clip)
+    neg = policy_gradient_terms(logp, old, roles, torch.tensor([-1.0]), clip=0.2, weighting="token_sum")
+    # A < 0: min(r A, clip(r) A) = -max(r, clip(r)): -0.8 for r = 0.5, -1.6 for r = 1.6
+    assert neg.values[0].tolist() == pytest.approx([0.0, 0.8, 1.6])
+    pos = policy_gradient_terms(logp, old, roles, torch.tensor([2.0]), clip=0.2, weighting="token_sum")
+    # A > 0: min(r, clip(r)) A: 0.5 * 2 and 1.2 * 2
+    assert pos.values[0].tolist() == pytest.approx([0.0, -1.0, -2.4])

@@ -258,6 +258,13 @@ def shipped_names() -> list[str]:
                   if not p.name.startswith(".") and (p / "config.json").is_file())  # not ship's temp folders
 
 
+def checkpoint_label(path: str | os.PathLike) -> str:
+    """A short name for a checkpoint folder in titles: its name, with its stage folder's for a
+    stage's ``checkpoint`` folder (``runs/x/sft/checkpoint`` -> ``sft/checkpoint``)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.name == "checkpoint" else path.name
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     """A checkpoint folder from a path or the name of a shipped checkpoint."""
     path = Path(name_or_path)

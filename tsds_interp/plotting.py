@@ -77,16 +77,17 @@ def gradient_mass_bars(summary: pd.DataFrame, path: str | Path, title: str = "Gr
     return Path(path)
 
 
-def head_share_heatmap(shares: pd.DataFrame, path: str | Path) -> Path:
+def head_share_heatmap(shares: pd.DataFrame, path: str | Path,
+                       title: str = "decision share |g_d| / (|g_s| + |g_d|) per head") -> Path:
     """One layer x head panel per objective of the decision share of that head's gradient."""
     objectives = list(dict.fromkeys(shares["objective"]))
     fig, axes = plt.subplots(1, len(objectives), figsize=(3.2 * len(objectives), 3.2), squeeze=False)
     for ax, objective in zip(axes[0], objectives):
         table = shares[shares.objective == objective].pivot(index="layer", columns="head", values="decision_share")
-        sns.heatmap(table, ax=ax, cmap="viridis", vmin=0, vmax=1, annot=True, fmt=".2f", cbar=False,
-                    annot_kws={"size": 7})
+        sns.heatmap(table, ax=ax, cmap="viridis", vmin=0, vmax=1, annot=True, fmt=".2f",
+                    cbar=objective == objectives[-1], cbar_kws={"label": "decision share"}, annot_kws={"size": 7})
         ax.set_title(objective, fontsize=9)
-    fig.suptitle("decision share |g_d| / (|g_s| + |g_d|) per head")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tsds_interp import ablation, cli
 from tsds_interp.ablation import MAX_QUESTIONS, MODES, SCORED, ablation_sweep
-from tsds_interp.model import autocast, checkpoint_config, load, resolve_checkpoint
+from tsds_interp.model import autocast, checkpoint_config, checkpoint_label, load, resolve_checkpoint
 from tsds_interp.plotting import heatmap
 
 
@@ -36,8 +36,11 @@ def _ablate(args) -> int:
     df.to_csv(out / "ablation.csv", index=False)
     for metric in SCORED:
         part = df[df.metric == metric].assign(head=lambda d: d["head"].map(lambda h: "mlp" if h < 0 else f"H{h}"))
+        base = float(part["baseline"].iloc[0]) if "baseline" in part and len(part) else float("nan")
         heatmap(part, "layer", "head", out / f"ablation_{args.mode}_{metric}.png",
-                f"{args.mode} ablation: change in {metric}", value="delta")
+                f"{checkpoint_label(resolve_checkpoint(args.checkpoint))}: {args.mode} ablation, change in {metric} "
+                f"(baseline {base:.3f}, n={args.questions} questions)\n95% intervals of each change in ablation.csv",
+                value="delta", label=f"change in {metric}")
     wide = df.pivot_table(index=["component", "label"], columns="metric", values="delta", sort=False)
     print(f"{args.mode} ablation of {args.checkpoint}, {args.questions} questions: change vs baseline")
     print(wide[list(SCORED)].round(3).to_string())

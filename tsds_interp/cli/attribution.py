@@ -11,6 +11,7 @@ from tsds_interp.gradient_split import MAX_QUESTIONS, attribute_all, default_bat
 from tsds_interp.model import (
     CheckpointError,
     checkpoint_config,
+    checkpoint_label,
     load,
     resolve_checkpoint,
     shipped_names,
@@ -61,8 +62,11 @@ def _attribute(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "attribution.csv", index=False)
     table.to_csv(out / "summary.csv", index=False)
-    gradient_mass_bars(table, out / "gradient_mass.png")
-    head_share_heatmap(head_decision_share(df), out / "head_decision_share.png")
+    name = checkpoint_label(resolve_checkpoint(args.checkpoint))
+    size = f"n={args.questions} questions x {args.group} rollouts"
+    gradient_mass_bars(table, out / "gradient_mass.png", f"{name}: gradient mass by role ({size})")
+    head_share_heatmap(head_decision_share(df), out / "head_decision_share.png",
+                       f"{name}: decision share |g_d| / (|g_s| + |g_d|) per head ({size})")
     (out / "run.json").write_text(json.dumps(
         {"checkpoint": str(resolve_checkpoint(args.checkpoint)), "ref": ref_name, **vars(args),
          "versions": run_versions()}, indent=2, default=str))

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from tsds_interp import cli
 from tsds_interp.edges import draw_graph, prune
 from tsds_interp.forward import refusal
-from tsds_interp.model import autocast, checkpoint_config, load, resolve_checkpoint
+from tsds_interp.model import autocast, checkpoint_config, checkpoint_label, load, resolve_checkpoint
 from tsds_interp.patching import GRANULARITY_GRIDS, MAX_PAIRS, gap_line, run_patching, top_components
 from tsds_interp.plotting import heatmap
 from tsds_interp.provenance import run_versions
@@ -112,7 +112,7 @@ def _patch(args) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "patching.csv", index=False)
-    files = _plots(df, out, f"({args.method}, {path.name})", model)
+    files = _plots(df, out, f"({args.method}, {checkpoint_label(path)})", model)
     top = top_components(df, args.top)
     print(f"{args.method} patching ({args.direction}) of {path} with {args.pairs} pairs per "
           f"function, {elapsed:.1f}s; effect = change of the metric from the base run; normalized value: "

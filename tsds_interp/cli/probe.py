@@ -6,7 +6,7 @@ import json
 import time
 
 from tsds_interp import cli, probe
-from tsds_interp.model import checkpoint_config, load, resolve_checkpoint
+from tsds_interp.model import checkpoint_config, checkpoint_label, load, resolve_checkpoint
 from tsds_interp.plotting import auc_panels
 from tsds_interp.probe import MIN_QUESTIONS, probe_study
 from tsds_interp.provenance import run_versions
@@ -44,12 +44,13 @@ def _probe(args) -> int:
     part = df[df.cell == "all"]
     resid = df[df.site.str.startswith("resid")].assign(layer=lambda d: d.site.str.split().str[1].astype(int))
     auc_panels(resid, "layer", "position", out / "probe_resid.png",
-               f"{path.parent.name}/{path.name}: probe within-question AUC on held-out questions, residual stream "
+               f"{checkpoint_label(path)}: probe within-question AUC on held-out questions, residual stream "
                "(n = questions with a wrong sample)", control="prompt_end")
     heads = df[~df.site.str.startswith("resid") & (df.position == "decision")].assign(
         layer=lambda d: d.site.str.extract(r"L(\d+)")[0].astype(int), head=lambda d: d.site.str.extract(r"H(\d+)")[0])
     auc_panels(heads, "layer", "head", out / "probe_heads.png",
-               "probe within-question AUC of each head's output at the decision position, per cell")
+               f"{checkpoint_label(path)}: probe within-question AUC of each head's output at the decision "
+               "position (n = questions with a wrong sample)")
     show = part.sort_values("probe_auc", ascending=False).head(12)
     print(f"probes of {path}, {time.time() - t0:.1f}s; held-out within-question AUC (all cells), best 12:")
     print(show[["site", "position", "probe_auc", "lo", "hi", "n", "readout_auc", "cos_readout"]].to_string(

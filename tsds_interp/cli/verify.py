@@ -16,7 +16,7 @@ import time
 import pandas as pd
 
 from tsds_interp import cli
-from tsds_interp.model import checkpoint_config, load, resolve_checkpoint
+from tsds_interp.model import checkpoint_config, checkpoint_label, load, resolve_checkpoint
 from tsds_interp.plotting import verification_plot
 from tsds_interp.provenance import run_versions
 from tsds_interp.verification import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, verification_metrics
@@ -94,7 +94,9 @@ def _verify(args) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "verification.csv", index=False)
-    verification_plot(df, out / "verification.png", f"Does the decision verify? ({path.name})")
+    verification_plot(df, out / "verification.png",
+                      f"Does the decision verify? {checkpoint_label(path)}: n={args.questions} held-out questions "
+                      f"x {args.samples} samples; bars: 95% intervals")
     summary = STEP_SUMMARY if task.steps else SUMMARY
     print(f"verification of {path} on {args.questions} held-out questions x {args.samples} samples, "
           f"{elapsed:.1f}s")

@@ -188,29 +188,74 @@ def test_a_second_training_into_the_same_folder_is_refused_and_a_stale_lock_take
     assert not lock.path.exists()
 
 
-def test_ship_never_lists_a_model_that_is_not_there(trained_tiny, tmp_path, monkeypatch):
+def _ship_state(dest):
+    """(manifest names, table models, checkpoint folders) of a shipped folder."""
+    import pandas as pd
+
+    manifest = json.loads((dest / "manifest.json").read_text())
+    table = pd.read_csv(dest / "heldout_metrics.csv")
+    folders = {p.name for p in dest.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return set(manifest), set(table.model), folders
+
+
+def _ship_dying_at(k, stage, dest, metrics):
+    """Ship ``stage`` as "second", the process dying (no cleanup) before its ``k``-th file operation."""
+    import shutil
+    from pathlib import Path
+
+    from tsds_interp import ship as ship_module
+
+    count = [0]
+
+    def dying(fn):
+        def op(*args, **kw):
+            if count[0] == k:
+                os._exit(9)
+            count[0] += 1
+            return fn(*args, **kw)
+        return op
+    for owner, name in ((shutil, "copyfile"), (shutil, "rmtree"), (Path, "write_text"), (Path, "replace"),
+                        (Path, "rename"), (Path, "unlink")):
+        setattr(owner, name, dying(getattr(owner, name)))
+    ship_module.heldout_metrics = lambda model: metrics
+    ship_module.ship(stage, "second", "cmd", dest=dest)
+    os._exit(0)
+
+
+def test_ship_is_a_transaction_whatever_the_moment_of_a_kill(trained_tiny, tmp_path, monkeypatch):
+    """A process killed before each file operation of a ship, in turn: after ``finish_ship`` (run by
+    the next ship and by every listing) the manifest, the metrics table and the checkpoint folders
+    agree, and hold either the old state or the new one; no temp folder is listed as shipped."""
+    import multiprocessing
+
     from tsds_interp import ship as ship_module
     from tsds_interp.model import shipped_names
+    from tsds_interp.verification import heldout_metrics
 
-    paths, out = trained_tiny
-    dest = tmp_path / "shipped"
-    ship_module.ship(out / "sft", "first", "cmd", dest=dest)
-    manifest = (dest / "manifest.json").read_text()
-
-    def killed(src, dst):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(ship_module, "replace_dir", killed)
-    with pytest.raises(KeyboardInterrupt):
-        ship_module.ship(out / "rl", "second", "cmd", dest=dest)
-    assert (dest / "manifest.json").read_text() == manifest and not (dest / "second").exists()
-    assert sorted(p.name for p in dest.iterdir()) == ["first", "heldout_metrics.csv", "manifest.json"]
-    (dest / ".second.abc").mkdir()  # what a SIGKILL would leave
-    (dest / ".second.abc" / "config.json").write_text("{}")
-    monkeypatch.setattr("tsds_interp.model.SHIPPED_DIR", dest)
-    assert shipped_names() == ["first"]
-    monkeypatch.undo()
-    ship_module.ship(out / "rl", "second", "cmd", dest=dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["first", "heldout_metrics.csv", "manifest.json", "second"]
+    _, out = trained_tiny
+    metrics = heldout_metrics(ship_module.load(out / "rl" / "checkpoint"))
+    monkeypatch.setattr(ship_module, "heldout_metrics", lambda model: metrics)  # evaluated once, above
+    outcomes = []
+    for k in range(40):
+        dest = tmp_path / f"k{k}"
+        ship_module.ship(out / "sft", "first", "cmd", dest=dest)
+        old = _ship_state(dest)
+        child = multiprocessing.get_context("fork").Process(target=_ship_dying_at,
+                                                            args=(k, out / "rl", dest, metrics))
+        child.start()
+        child.join(120)
+        ship_module.finish_ship(dest)
+        state = _ship_state(dest)
+        assert state in (old, ({"first", "second"},) * 3), (k, state)
+        assert not [p.name for p in dest.iterdir() if p.name.startswith(".")], k  # nothing left behind
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr("tsds_interp.model.SHIPPED_DIR", dest)
+            assert set(shipped_names()) == state[2]
+        outcomes.append("new" if state != old else "old")
+        if child.exitcode == 0:
+            break
+    assert child.exitcode == 0 and outcomes[0] == "old" and outcomes[-1] == "new", outcomes
+    assert "new" in outcomes[:-1]  # some kills land after the commit point and are completed
 
 
 def test_a_task_of_another_layout_than_the_models_is_refused(random_model):

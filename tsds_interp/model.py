@@ -252,8 +252,16 @@ def recover_dir(dst: Path) -> bool:
 
 
 def shipped_names() -> list[str]:
+    """The shipped checkpoints (a ship that was stopped is first completed or undone, where the
+    package folder can be written)."""
     if not SHIPPED_DIR.is_dir():
         return []
+    from tsds_interp.ship import finish_ship
+
+    try:
+        finish_ship(SHIPPED_DIR)
+    except OSError:
+        pass  # a read-only install: list what is there
     return sorted(p.name for p in SHIPPED_DIR.iterdir()
                   if not p.name.startswith(".") and (p / "config.json").is_file())  # not ship's temp folders
 

@@ -154,6 +154,10 @@ def rollout(model, questions: Questions, *, task: TaskConfig | None = None, budg
     return _warn_if_all_malformed(Rollouts.cat(parts))
 
 
+class LongRunWarning(UserWarning):
+    """A requested run would take hours."""
+
+
 LONG_RUN_S = 3600.0  # an estimate above this gets a warning before the run goes on
 
 
@@ -173,14 +177,19 @@ def rollout_with_progress(model, questions: Questions, desc: str = "rollouts", c
                 estimate = (time.perf_counter() - start) * n / len(parts[0])
                 if estimate > LONG_RUN_S:
                     warnings.warn(f"{desc}: {n} episodes will take about {estimate / 3600:.1f} h at this rate; "
-                                  "Ctrl-C stops the run, fewer questions or samples shorten it", stacklevel=2)
+                                  "Ctrl-C stops the run, fewer questions or samples shorten it", LongRunWarning,
+                                  stacklevel=2)
     return type(parts[0]).cat(parts)
+
+
+class MalformedWarning(UserWarning):
+    """Every episode of a rollout is malformed."""
 
 
 def _warn_if_all_malformed(r):
     if len(r) > 1 and bool(r.malformed.all()):
         warnings.warn(f"all {len(r)} episodes are malformed (the model never wrote a well-formed candidate and "
-                      "decision): is it trained on this task format?", stacklevel=3)
+                      "decision): is it trained on this task format?", MalformedWarning, stacklevel=3)
     return r
 
 

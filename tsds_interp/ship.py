@@ -5,6 +5,13 @@ copies the stage's ``checkpoint/model.safetensors`` and ``config.json`` (no opti
 ``tsds_interp/checkpoints/NAME``, evaluates it on the standard held-out set
 (:func:`tsds_interp.metrics.heldout_metrics`) and records, in ``manifest.json`` and
 ``heldout_metrics.csv``: the command, seed, commit, steps, wall time and the metrics.
+
+Shipping is a transaction. The new checkpoint folder, metrics table and manifest are first written
+beside the old ones under temporary names; one atomic write of a journal (``.ship.json``) then
+commits the change, and the temporary files are renamed into place. A kill before the journal
+leaves the old state (the temporary files are removed by :func:`finish_ship`); a kill after it
+leaves a journal that :func:`finish_ship` completes, giving the new state. The next ship, and
+every listing of the shipped checkpoints, calls :func:`finish_ship` first.
 """
 
 from __future__ import annotations
@@ -54,20 +61,59 @@ def ship(stage_dir: str | Path, name: str, command: str, dest: Path | None = Non
     table = pd.concat([table, metrics.assign(model=name)], ignore_index=True)
 
     dest.mkdir(parents=True, exist_ok=True)
-    for stale in dest.glob(f".{name}.*"):  # a temp folder left by a killed ship
-        shutil.rmtree(stale, ignore_errors=True)
+    finish_ship(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest))
     try:
         for f in ("model.safetensors", "config.json"):
             shutil.copyfile(ckpt / f, tmp / f)
-        # The checkpoint first, the index last: the manifest never lists a model that is not there.
-        replace_dir(tmp, dest / name)
-        _write_atomic(table_path, table.to_csv(index=False))
-        _write_atomic(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        staged = {"table": _stage(table_path, table.to_csv(index=False)),
+                  "manifest": _stage(manifest_path, json.dumps(manifest, indent=2) + "\n")}
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_staged(dest)
         raise
+    journal = {"name": name, "folder": tmp.name, **{k: v.name for k, v in staged.items()}}
+    _write_atomic(dest / JOURNAL, json.dumps(journal))  # the commit point
+    finish_ship(dest)
     return entry
+
+
+JOURNAL = ".ship.json"
+
+
+def finish_ship(dest: Path) -> None:
+    """Bring ``dest`` to a consistent state after a ship that was stopped: complete a committed one
+    (its journal is there), remove what an uncommitted one staged. Each step can be repeated."""
+    journal_path = dest / JOURNAL
+    if not journal_path.is_file():
+        _remove_staged(dest)
+        return
+    journal = checks.read_json(journal_path, "ship journal")
+    folder = dest / journal["folder"]
+    if folder.is_dir():
+        replace_dir(folder, dest / journal["name"])
+    for final in ("heldout_metrics.csv", "manifest.json"):
+        staged = dest / journal["table" if final.endswith(".csv") else "manifest"]
+        if staged.is_file():
+            staged.replace(dest / final)
+    journal_path.unlink()
+    _remove_staged(dest)
+
+
+def _stage(path: Path, text: str) -> Path:
+    """``text`` written beside ``path`` under a temporary name."""
+    staged = path.with_name(f".{path.name}.staged")
+    staged.write_text(text)
+    return staged
+
+
+def _remove_staged(dest: Path) -> None:
+    """Remove the temporary files and folders of a ship that did not commit (the dot-named entries
+    of the shipped folder, except a replaced checkpoint's backup, which ``recover_dir`` puts back)."""
+    for leftover in dest.glob(".*"):
+        if leftover.is_dir() and not leftover.name.endswith(".old"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.is_file() and leftover.name.endswith((".staged", ".tmp")):
+            leftover.unlink()
 
 
 def _read_json_if_any(path: Path, what: str) -> dict:

@@ -9,6 +9,7 @@ import argparse
 import io
 import os
 import sys
+import warnings
 from collections.abc import Callable
 
 from safetensors import SafetensorError
@@ -148,6 +149,20 @@ def run(body: Callable[[], int | None]) -> int:
 
 
 def _run(body: Callable[[], int | None]) -> int:
+    """``body`` with its errors as one line each; the library's own warnings become one
+    ``warning: ...`` line each after a run that succeeds (an error says all there is to say)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        status = _run_errors(body)
+    for w in caught:
+        if "tsds_interp" not in str(w.filename) and not str(w.category.__module__).startswith("tsds_interp"):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)  # other libraries': as usual
+        elif status == 0:
+            say(f"warning: {_one_line(w.message)}")
+    return status
+
+
+def _run_errors(body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except KeyboardInterrupt:

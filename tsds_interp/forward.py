@@ -171,11 +171,11 @@ def refusal(model) -> str | None:
         elif name in TESTS:
             ok = TESTS[name](value, cfg)
         else:
-            return f"config field {name} is not known to this module"
+            return f"the config field {name} is not known to the own-weights forward"
         if not ok:
-            return f"{name}={value!r}"
+            return f"{name}={value!r} is not implemented by the own-weights forward"
     if getattr(cfg, "rope_scaling", None):  # a native model's rotary scaling
-        return f"rope_scaling={cfg.rope_scaling!r}"
+        return f"rope_scaling={cfg.rope_scaling!r} is not implemented by the own-weights forward"
     required, optional = weight_names(cfg)
     names = set(model.state_dict())
     odd = sorted((required - names) | (names - required - optional))
@@ -192,7 +192,7 @@ def _hf_refusal(model) -> str | None:
     """Why a HuggingFace model's own config would make it compute something else; ``None`` if nothing."""
     cfg, hf = model.cfg, model.original_model.config
     if getattr(hf, "pretraining_tp", 1) != 1:
-        return f"pretraining_tp={hf.pretraining_tp}"
+        return f"pretraining_tp={hf.pretraining_tp} is not implemented by the own-weights forward"
     head_dim = getattr(hf, "head_dim", None) or cfg.d_head
     if head_dim != cfg.d_head:
         return f"head_dim={head_dim} differs from d_head={cfg.d_head}"
@@ -201,7 +201,7 @@ def _hf_refusal(model) -> str | None:
         return f"the norms' eps {eps} differs from the config's {cfg.eps}"
     act = getattr(hf, "hidden_act", None) or getattr(hf, "activation_function", None)
     if ACTIVATIONS.get(act) is not ACTIVATIONS[cfg.act_fn]:
-        return f"hidden_act={act!r}"
+        return f"hidden_act={act!r} differs from the bridge's act_fn={cfg.act_fn!r}"
     window = getattr(hf, "sliding_window", None)
     types = getattr(hf, "layer_types", None)
     if (window is not None and window < cfg.n_ctx and getattr(hf, "use_sliding_window", True)
@@ -225,9 +225,10 @@ def _hf_rotary(model) -> nn.Module | str:
         return f"{len(found)} rotary embedding modules (one shared module expected)"
     rope = found[0]
     if rope.rope_type not in STATIC_ROPE or getattr(rope, "attention_scaling", 1.0) != 1.0:
-        return f"rope_type={rope.rope_type!r}"
+        return f"rope_type={rope.rope_type!r} rotary scaling is not implemented by the own-weights forward"
     if 2 * rope.inv_freq.numel() != model.cfg.d_head:
-        return f"partial rotary dimension {2 * rope.inv_freq.numel()} of d_head={model.cfg.d_head}"
+        dim = 2 * rope.inv_freq.numel()
+        return f"a partial rotary dimension ({dim} of d_head={model.cfg.d_head}) is not implemented for this layout"
     return rope
 
 

@@ -115,7 +115,8 @@ def test_checkpoint_modes_follow_the_umask(random_model, tmp_path, umask):
 
 def test_ctrl_c_during_patching_exits_130_with_one_line_and_writes_nothing(tmp_path):
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "tsds_interp.patch", "--out", str(out), "--pairs", "64"],
+    # enough pairs that the run is still patching when the signal comes, even on a loaded machine
+    proc = subprocess.Popen([sys.executable, "-m", "tsds_interp.patch", "--out", str(out), "--pairs", "512"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     seen, lines = threading.Event(), []

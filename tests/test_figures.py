@@ -22,7 +22,7 @@ def figures(monkeypatch):
         texts = [t.get_text() for t in fig.texts]
         for ax in fig.axes:
             texts += [ax.get_title(), ax.get_ylabel()]
-        seen[os.path.basename(str(path))] = " | ".join(t for t in texts if t)
+        seen[os.path.basename(str(path))] = " ".join(" | ".join(t for t in texts if t).split())  # unwrapped
         return save(fig, path, *args, **kw)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
     return seen

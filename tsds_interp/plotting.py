@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -23,11 +24,17 @@ def heatmap(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: str
     sns.heatmap(table, ax=ax, cmap="RdBu_r", center=0, vmin=-lim, vmax=lim,
                 annot=annot and table.size <= 400, fmt=".2f", annot_kws={"size": 7},
                 cbar_kws={"label": label or value})
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrapped(title, 0.8 * width), fontsize=9)  # the colour bar takes the rest
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def wrapped(title: str, inches: float, points: float = 9) -> str:
+    """``title`` with each line wrapped to fit a figure ``inches`` wide at ``points`` (no clipped text)."""
+    chars = max(20, int(inches * 72 / (0.55 * points)))
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in title.split("\n"))
 
 
 def auc_panels(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: str, value: str = "probe_auc",
@@ -48,7 +55,7 @@ def auc_panels(df: pd.DataFrame, rows: str, cols: str, path: str | Path, title: 
         ax.tick_params(labelsize=7)
         if i:
             ax.set_ylabel("")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(wrapped(title, fig.get_figwidth()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -70,7 +77,7 @@ def gradient_mass_bars(summary: pd.DataFrame, path: str | Path, title: str = "Gr
     ax.set(ylim=(0, 1), ylabel="share")
     ax.axhline(0.5, color="grey", lw=0.6, ls=":")
     ax.legend(fontsize=7, loc="upper left", frameon=False)
-    ax.set_title(title, pad=18)
+    ax.set_title(wrapped(title, fig.get_figwidth(), 12), pad=18)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -87,7 +94,7 @@ def head_share_heatmap(shares: pd.DataFrame, path: str | Path,
         sns.heatmap(table, ax=ax, cmap="viridis", vmin=0, vmax=1, annot=True, fmt=".2f",
                     cbar=objective == objectives[-1], cbar_kws={"label": "decision share"}, annot_kws={"size": 7})
         ax.set_title(objective, fontsize=9)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(wrapped(title, fig.get_figwidth()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -140,7 +147,7 @@ def verification_plot(df: pd.DataFrame, path: str | Path, title: str = "Does the
 
 
 def _save(fig, path: str | Path, title: str) -> Path:
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title, fig.get_figwidth(), 12))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

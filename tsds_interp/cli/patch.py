@@ -57,7 +57,8 @@ def _plots(df: pd.DataFrame, out: Path, label: str, model) -> list[str]:
         value = "value" if part.normalized_defined.iloc[0] else "effect"
         kind = "normalized (0 = corrupted, 1 = clean)" if value == "value" else "raw effect (gap not significant)"
         r = part.iloc[0]
-        contrast = f"gap {r.gap:.3f} [{r.gap_lo:.3f}, {r.gap_hi:.3f}], {r.pairs} pairs, cells {r.cells}"
+        contrast = (f"gap {r.gap:.3f} [{r.gap_lo:.3f}, {r.gap_hi:.3f}], {r.pairs} pairs, "
+                    f"cells {r.cells.replace(',', ', ')}")
         heatmap(part, rows, cols, path, f"{function} {grid} {label}{note}\n{contrast}", value=value,
                 label=kind)
         files.append(path.name)

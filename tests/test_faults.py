@@ -118,7 +118,8 @@ def test_ctrl_c_during_patching_exits_130_with_one_line_and_writes_nothing(tmp_p
     # enough pairs that the run is still patching when the signal comes, even on a loaded machine
     proc = subprocess.Popen([sys.executable, "-m", "tsds_interp.patch", "--out", str(out), "--pairs", "512"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a shell starts it
     seen, lines = threading.Event(), []
 
     def read():
@@ -133,8 +134,12 @@ def test_ctrl_c_during_patching_exits_130_with_one_line_and_writes_nothing(tmp_p
     assert seen.wait(180), "the progress bar never appeared"
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130
+    try:
+        code = proc.wait(60)
+    finally:
+        proc.kill()
     reader.join(10)
+    assert code == 130, (signal.getsignal(signal.SIGINT), lines)
     err = lines[0].replace("\r", "\n")
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1] == "interrupted; nothing more was written"

@@ -34,8 +34,9 @@ def number(name: str, value, *, lo: float | None = None, hi: float | None = None
     return value
 
 
-def token_ids(tokens, vocab: int, name: str = "tokens") -> torch.Tensor:
-    """``tokens`` as a non-empty ``[batch, pos]`` long tensor of ids in ``0 .. vocab - 1``."""
+def token_ids(tokens, vocab: int | None = None, name: str = "tokens") -> torch.Tensor:
+    """``tokens`` as a non-empty ``[batch, pos]`` long tensor of ids in ``0 .. vocab - 1`` (with a
+    ``vocab``; without one, of non-negative ids)."""
     if not isinstance(tokens, torch.Tensor):
         try:
             tokens = torch.as_tensor(tokens)
@@ -46,8 +47,9 @@ def token_ids(tokens, vocab: int, name: str = "tokens") -> torch.Tensor:
     if tokens.ndim != 2 or 0 in tokens.shape:
         raise ValueError(f"{name} must be a non-empty [batch, pos] table of token ids, got shape {tuple(tokens.shape)}")
     low, high = int(tokens.min()), int(tokens.max())
-    if low < 0 or high >= vocab:
-        raise ValueError(f"{name} hold id {low if low < 0 else high}, outside the model's vocabulary 0..{vocab - 1}")
+    if low < 0 or (vocab is not None and high >= vocab):
+        allowed = "token ids are non-negative" if vocab is None else f"the model's vocabulary is 0..{vocab - 1}"
+        raise ValueError(f"{name} hold id {low if low < 0 else high}; {allowed}")
     return tokens.long()
 
 

@@ -46,20 +46,22 @@ def role_ids(roles) -> Int[Tensor, "batch pos"]:
             raise ValueError(f"roles must be integer ids or names, got a {roles.dtype} tensor")
         out = roles.long()
     else:
-        try:
-            out = torch.tensor([[ROLE_OF[r] if isinstance(r, str) else _role_int(r) for r in row] for row in roles])
-        except KeyError as e:
-            raise ValueError(f"unknown role {e.args[0]!r}; roles are {', '.join(ROLE_NAMES)}") from None
-        except (TypeError, ValueError) as e:  # ragged rows, scalars, non-integers
-            if "unknown role" in str(e) or "must be" in str(e):
-                raise
-            raise ValueError("roles must be rows of equal length, one role name or id per token") from None
+        if isinstance(roles, str) or not all(isinstance(row, Sequence) and not isinstance(row, str) for row in roles):
+            raise ValueError("roles must be rows, one role name or id per token")
+        rows = [[_role_id(r) for r in row] for row in roles]
+        if len({len(row) for row in rows}) > 1:
+            raise ValueError("roles must be rows of equal length, one role name or id per token")
+        out = torch.tensor(rows)
     if out.ndim != 2 or not ((out >= PROMPT) & (out <= PADDING)).all():
         raise ValueError(f"roles must be a [batch, pos] table of {', '.join(ROLE_NAMES)} (ids 0-4)")
     return out
 
 
-def _role_int(r) -> int:
+def _role_id(r) -> int:
+    if isinstance(r, str):
+        if r not in ROLE_OF:
+            raise ValueError(f"unknown role {r!r}; roles are {', '.join(ROLE_NAMES)}")
+        return ROLE_OF[r]
     if isinstance(r, bool) or not isinstance(r, int | np.integer):
         raise ValueError(f"a role must be a name ({', '.join(ROLE_NAMES)}) or an id 0-4, got {r!r}")
     return int(r)
@@ -68,7 +70,7 @@ def _role_int(r) -> int:
 def traces(tokens, roles, reward=None, group: int = 1, source: str = "traces") -> Trajectories:
     """Checked :class:`~tsds_interp.attribution.Trajectories` from token ids and roles (``reward``
     per row, rows in groups of ``group`` of the same prompt: needed by the ``surrogate`` objective)."""
-    tokens = checks.token_ids(tokens, 2**62)
+    tokens = checks.token_ids(tokens)
     roles = role_ids(roles)
     if tokens.shape != roles.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and roles {tuple(roles.shape)} must have the same shape")
@@ -108,7 +110,7 @@ def role_attribution(model, tokens, roles, objectives: Sequence[str] = ("sft_tok
 def attempts(tokens, roles) -> list[list[tuple[list[int], int]]]:
     """Per row, its attempts in order: (the candidate's token ids, the decision token id). A
     candidate is the run of sample tokens right before a decision token."""
-    tokens, roles = checks.token_ids(tokens, 2**62), role_ids(roles)
+    tokens, roles = checks.token_ids(tokens), role_ids(roles)
     if tokens.shape != roles.shape:
         raise ValueError(f"tokens {tuple(tokens.shape)} and roles {tuple(roles.shape)} must have the same shape")
     out = []

@@ -155,7 +155,7 @@ def _run(body: Callable[[], int | None]) -> int:
         warnings.simplefilter("default")
         status = _run_errors(body)
     for w in caught:
-        if "tsds_interp" not in str(w.filename) and not str(w.category.__module__).startswith("tsds_interp"):
+        if not w.category.__module__.startswith("tsds_interp"):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)  # other libraries': as usual
         elif status == 0:
             say(f"warning: {_one_line(w.message)}")

@@ -51,7 +51,7 @@ def _parser() -> cli.Parser:
     p = cli.Parser("python analyses/balanced_sft.py", __doc__.split("\n\n")[0])
     p.add_argument("--seed-runs", nargs="*", help="run folders holding sft/, sft_balanced/ and rl/")
     p.add_argument("--questions", type=cli.integer(1), default=2048)
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/balanced_sft")
+    cli.add_output(p, "runs/analyses/balanced_sft")
     return p
 
 
@@ -81,7 +81,7 @@ def _run(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main(_parser(), lambda args: _run(args, argv), argv)
+    return cli.main(_parser(), lambda args, _: _run(args, argv), argv, tool="balanced_sft")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -167,8 +167,8 @@ def _parser() -> cli.Parser:
     p.add_argument("--ablations", nargs="+", choices=("mean", "resample"), default=["mean", "resample"])
     p.add_argument("--graph-edges", type=cli.integer(1), default=12, help="edges drawn per circuit graph")
     p.add_argument("--seed", type=cli.SEED, default=0)
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/circuit_dissociation",
-                   help="output folder; per-model results are kept in OUT/parts, so a rerun resumes")
+    cli.add_output(p, "runs/analyses/circuit_dissociation",
+                   "output folder; per-model results are kept in OUT/parts, so a rerun resumes")
     return p
 
 
@@ -189,13 +189,13 @@ def _run(args, argv=None) -> int:
                 effects.to_csv(f"{stem}_effects.csv", index=False)
                 edges.to_csv(f"{stem}_edges.csv", index=False)
                 done.write_text(json.dumps(info))
-                for function, part in edges.groupby("function"):
-                    draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
-                               f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution)")
             info = json.loads(done.read_text())
             all_scores.append(pd.read_csv(f"{stem}_scores.csv").assign(**tag))
             all_effects.append(pd.read_csv(f"{stem}_effects.csv", keep_default_na=False, na_values=[""]).assign(**tag))
             all_edges.append(pd.read_csv(f"{stem}_edges.csv").assign(**tag))
+            for function, part in all_edges[-1].groupby("function"):  # drawn on every run: a rerun's results
+                draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
+                           f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution)")
             infos.append({**tag, **info})
             print(f"{label} seed {seed}: {info}", flush=True)
     scores, circuits, effects = (pd.concat(all_scores), pd.DataFrame(infos), pd.concat(all_effects))
@@ -230,7 +230,7 @@ def _run(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main(_parser(), lambda args: _run(args, argv), argv)
+    return cli.main(_parser(), lambda args, _: _run(args, argv), argv, tool="circuit_dissociation")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -96,7 +96,7 @@ def _parser() -> cli.Parser:
     p.add_argument("--beta", type=cli.real(0, 1000), default=0.1, help="KL coefficient")
     p.add_argument("--budget", type=cli.integer(1), default=3, help="attempt budget K")
     p.add_argument("--sample-tokens", type=cli.integer(1), default=6, help="tokens per candidate carrying the KL")
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/ds_toy_model")
+    cli.add_output(p, "runs/analyses/ds_toy_model")
     return p
 
 
@@ -124,7 +124,7 @@ def _run(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main(_parser(), lambda args: _run(args, argv), argv)
+    return cli.main(_parser(), lambda args, _: _run(args, argv), argv, tool="ds_toy_model")
 
 if __name__ == "__main__":
     np.seterr(all="raise")

@@ -32,7 +32,7 @@ def _parser() -> cli.Parser:
     p.add_argument("--checkpoints", nargs="+", default=["rl:sft", "sft:base"], help="MODEL:REF pairs")
     p.add_argument("--questions", type=cli.integer(1), default=64)
     p.add_argument("--seeds", type=cli.SEED, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/gradient_attribution")
+    cli.add_output(p, "runs/analyses/gradient_attribution")
     return p
 
 
@@ -74,7 +74,7 @@ def _run(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main(_parser(), lambda args: _run(args, argv), argv)
+    return cli.main(_parser(), lambda args, _: _run(args, argv), argv, tool="gradient_attribution")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -85,7 +85,7 @@ def _parser() -> cli.Parser:
     p = cli.Parser("python analyses/recipe_study.py", __doc__.split("\n\n")[0])
     p.add_argument("models", nargs="+", help="LABEL=stage folder, checkpoint folder or shipped name")
     p.add_argument("--questions", type=cli.integer(1), default=1200, help="held-out hard-cell questions per model")
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/recipe_study")
+    cli.add_output(p, "runs/analyses/recipe_study")
     return p
 
 
@@ -102,7 +102,7 @@ def _run(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main(_parser(), lambda args: _run(args, argv), argv)
+    return cli.main(_parser(), lambda args, _: _run(args, argv), argv, tool="recipe_study")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -84,7 +84,7 @@ def _parser() -> cli.Parser:
     p = cli.Parser("python analyses/reflection_anatomy.py", __doc__.split("\n\n")[0])
     p.add_argument("--seed-runs", nargs="*", help="run folders holding sft/ and rl/ (one per seed)")
     p.add_argument("--questions", type=cli.integer(1), default=2048, help="held-out test questions per model")
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/reflection_anatomy")
+    cli.add_output(p, "runs/analyses/reflection_anatomy")
     return p
 
 
@@ -105,7 +105,7 @@ def _run(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main(_parser(), lambda args: _run(args, argv), argv)
+    return cli.main(_parser(), lambda args, _: _run(args, argv), argv, tool="reflection_anatomy")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -117,7 +117,7 @@ def _parser() -> cli.Parser:
                    help="checkpoints (shipped names or folders)")
     p.add_argument("--questions", type=cli.integer(10, 10**6), default=1200, help="held-out questions per group")
     p.add_argument("--cells", default="1x1,1x2,2x1,2x2,1x3,3x1,2x3,3x2", help="cells both formats cover")
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/step_vs_oneshot")
+    cli.add_output(p, "runs/analyses/step_vs_oneshot")
     return p
 
 
@@ -140,4 +140,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.main(_parser(), _run, None))
+    sys.exit(cli.main(_parser(), lambda args, _: _run(args), None, tool="step_vs_oneshot"))

@@ -111,8 +111,8 @@ def _parser() -> cli.Parser:
                    help="output folder of analyses/circuit_dissociation.py (circuits.csv, node_scores.csv)")
     p.add_argument("--questions", type=cli.integer(1), default=1024)
     p.add_argument("--samples", type=cli.integer(1), default=8)
-    p.add_argument("--out", type=cli.out_dir, default="runs/analyses/where_rl_changed",
-                   help="output folder; per-seed results are kept in OUT/parts, so a rerun resumes")
+    cli.add_output(p, "runs/analyses/where_rl_changed",
+                   "output folder; per-seed results are kept in OUT/parts, so a rerun resumes")
     return p
 
 
@@ -184,7 +184,7 @@ def _run(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.main(_parser(), lambda args: _run(args, argv), argv)
+    return cli.main(_parser(), lambda args, _: _run(args, argv), argv, tool="where_rl_changed")
 
 if __name__ == "__main__":
     sys.exit(main())

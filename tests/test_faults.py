@@ -171,8 +171,81 @@ def test_output_folders_that_belong_to_something_else_are_refused(random_model, 
         checks.device("cpu:7")
 
 
+def _state(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_a_tools_folder_is_its_own_a_rerun_leaves_no_stale_files_and_a_second_writer_is_refused(
+        random_model, tmp_path, capsys):
+    from tsds_interp.cli import patch as patch_cli
+    from tsds_interp.cli import verify as verify_cli
+
+    save(random_model, tmp_path / "ck")
+    out = tmp_path / "o"
+    patch = ["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--granularity", "layer", "--quiet", "--out", str(out)]
+    assert patch_cli.main(patch) == 0
+    assert {"sampling_attn_out.png", "decision_attn_out.png"} <= set(_state(out))
+    assert patch_cli.main([*patch, "--function", "decision"]) == 0  # a rerun that writes fewer files
+    files = set(_state(out)) - {"run.json"}
+    assert files == {"patching.csv", "decision_attn_out.png", "decision_mlp_out.png"}
+    record = json.loads((out / "run.json").read_text())
+    assert record["tool"] == "patch" and record["files"] == sorted(files)
+    capsys.readouterr()
+
+    verify = ["--checkpoint", str(tmp_path / "ck"), "--questions", "8", "--samples", "1", "--bootstrap", "10",
+              "--out", str(out)]
+    before = _state(out)
+    assert verify_cli.main(verify) == 2  # another tool's finished run: refused before computing
+    err = capsys.readouterr().err
+    assert "holds a finished run of patch" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert _state(out) == before
+    assert verify_cli.main([*verify, "--force"]) == 0  # replaces it: nothing of patch's run is left
+    assert set(_state(out)) == {"verification.csv", "verification.png", "run.json"}
+    capsys.readouterr()
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(holder.pid))
+        before = _state(out)
+        assert verify_cli.main(verify) == 2
+        err = capsys.readouterr().err
+        assert f"being written into by another process (pid {holder.pid})" in err and len(err.strip().splitlines()) == 1
+        assert _state(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert patch_cli.main(["--checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "fresh")]) == 2
+    assert not (tmp_path / "fresh").exists()  # a failed run leaves no folder behind
+
+
+def test_a_file_size_limit_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    """A real storage failure: the training process runs under a file-size limit smaller than its
+    checkpoint (as a full disk would), so ``model.safetensors`` cannot be written."""
+    import resource
+
+    out = tmp_path / "stage"
+    args = [sys.executable, "-m", "tsds_interp.train", "pretrain", "--preset", "tiny", "--eval-questions", "8",
+            "--quiet", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run([*args, "--steps", "2"], env=env, capture_output=True, timeout=300).returncode == 0
+    saved = (out / "checkpoint" / "model.safetensors").read_bytes()
+    limit = len(saved) // 2
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    run = subprocess.run([*args, "--steps", "4", "--resume"], env=env, capture_output=True, timeout=300,
+                         preexec_fn=limited)
+    err = run.stderr.decode()
+    assert run.returncode == 2, err[-2000:]
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "File too large" in err or "too large" in err.lower(), err
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == saved  # the last checkpoint is intact
+    assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
+
+
 def test_a_second_training_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
-    from tsds_interp.checkpointing import StageLock
+    from tsds_interp.checkpointing import FolderLock
     from tsds_interp.cli import train as train_cli
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -189,7 +262,7 @@ def test_a_second_training_into_the_same_folder_is_refused_and_a_stale_lock_take
         holder.wait()
     assert train_cli.main(args) == 0  # the holder is gone: its lock is stale
     assert not (out / ".lock").exists()
-    with StageLock(tmp_path / "other") as lock:
+    with FolderLock(tmp_path / "other") as lock:
         assert lock.path.read_text() == str(os.getpid())
     assert not lock.path.exists()
 

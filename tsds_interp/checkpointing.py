@@ -62,13 +62,13 @@ class StopRequested:
             signal.signal(s, h)
 
 
-class StageLock:
-    """``OUT/.lock`` holding this process's pid while it trains into ``OUT``: a second training on the
-    same folder is refused with the holder's pid; a lock left by a process that no longer runs is
-    taken over."""
+class FolderLock:
+    """``OUT/.lock`` holding this process's pid while it writes into ``OUT`` (training, or a tool's
+    results): a second writer to the same folder is refused with the holder's pid; a lock left by a
+    process that no longer runs is taken over."""
 
-    def __init__(self, out: Path, enabled: bool = True):
-        self.path, self.enabled = Path(out) / ".lock", enabled
+    def __init__(self, out: Path, enabled: bool = True, doing: str = "trained into"):
+        self.path, self.enabled, self.doing = Path(out) / ".lock", enabled, doing
 
     def __enter__(self):
         if not self.enabled:
@@ -80,14 +80,14 @@ class StageLock:
             except FileExistsError:
                 holder = _lock_holder(self.path)
                 if holder is not None:
-                    raise ValueError(f"{self.path.parent} is being trained into by another process (pid {holder}); "
+                    raise ValueError(f"{self.path.parent} is being {self.doing} by another process (pid {holder}); "
                                      "wait for it to finish or choose another --out") from None
                 self.path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
             return self
-        raise ValueError(f"could not take the lock {self.path}; remove it if no training runs there")
+        raise ValueError(f"could not take the lock {self.path}; remove it if nothing writes there")
 
     def __exit__(self, *exc):
         if self.enabled:

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from tsds_interp.checkpointing import (
+    FolderLock,
     Interrupted,
-    StageLock,
     StopRequested,
     cached_tokens,
     check_resumable,
@@ -288,7 +288,7 @@ def run_stage(s: Stage, out, resume: bool = False, quiet: bool = False, stop_aft
     if resume:  # read-only checks first: a refused resume leaves the folder untouched
         check_resumable(out / "checkpoint", s.cfg)
         s.step = restore_training_checkpoint(out / "checkpoint", s.model, s.opt, s.sched)
-    with StageLock(out, enabled=s.dist.is_first):
+    with FolderLock(out, enabled=s.dist.is_first):
         return _train_loop(s, out, resume, quiet, stop_after, init, ref)
 
 

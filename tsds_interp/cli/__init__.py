@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from safetensors import SafetensorError
 
 from tsds_interp import checks
+from tsds_interp.checkpointing import FolderLock
+from tsds_interp.provenance import run_versions
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
@@ -32,10 +36,17 @@ class Parser(argparse.ArgumentParser):
 class FlagError(ValueError):
     """A flag that does not parse or is out of range."""
 
-def main(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int | None],
-         argv: list[str] | None) -> int:
-    """Parse ``argv`` and run ``body`` on the flags under :func:`run`'s error handling."""
-    return run(lambda: body(parser.parse_args(argv)))
+def main(parser: argparse.ArgumentParser, body: Callable[..., int | None], argv: list[str] | None,
+         tool: str | None = None) -> int:
+    """Parse ``argv`` and run ``body`` on the flags under :func:`run`'s error handling; a ``tool`` that
+    writes results gets its ``--out`` folder held as :class:`Results`, passed as ``body(args, results)``."""
+    def call():
+        args = parser.parse_args(argv)
+        if tool is None:
+            return body(args)
+        with Results(args, tool) as results:
+            return body(args, results)
+    return run(call)
 
 
 def is_main_process() -> bool:
@@ -101,6 +112,72 @@ stage_dir = _checked(lambda text, name: checks.out_dir(text, name, stage=True),
 out_file = _checked(checks.out_file, "Flag type: a file whose folder can be written.")
 
 
+def add_output(p: argparse.ArgumentParser, default: str, what: str = "output folder") -> None:
+    """The flags of a tool's results folder: ``--out`` and ``--force``."""
+    p.add_argument("--out", type=out_dir, default=default, help=what)
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out that holds another tool's finished run, replacing that run")
+
+
+class Results:
+    """The ``--out`` folder of one run of ``tool``, held while the run lasts.
+
+    Entered before any computation: a folder whose ``run.json`` records another tool's run (or none
+    that says which) is refused unless ``args.force``, and a second writer is refused by
+    :class:`~tsds_interp.checkpointing.FolderLock`. On success ``run.json`` is written last (the flags,
+    :meth:`record`'s fields, the files this run wrote, versions), then the files the previous run there
+    recorded and this one did not write are removed, so no stale result remains. A failed run keeps
+    the previous run's files and record, and removes the folder again if it made it and left it empty."""
+
+    def __init__(self, args: argparse.Namespace, tool: str):
+        self.args, self.tool, self.out, self.fields = args, tool, Path(args.out), {}
+
+    def __enter__(self) -> Results:
+        previous = self._previous_record()
+        owner = previous.get("tool", "an unknown tool") if previous is not None else self.tool
+        if owner != self.tool and not self.args.force:
+            raise ValueError(f"out {self.out} holds a finished run of {owner} (see its run.json); "
+                             "pass --force to replace it or give a fresh folder")
+        files = previous.get("files", []) if previous is not None else []
+        self.previous_files = [f for f in files if isinstance(f, str) and f == Path(f).name]
+        self.created = not self.out.exists()
+        self.lock = FolderLock(self.out, doing="written into").__enter__()
+        self.before = self._files()
+        return self
+
+    def record(self, **fields) -> None:
+        """Fields for ``run.json`` besides the flags, the files and the versions."""
+        self.fields.update(fields)
+
+    def __exit__(self, error, *_) -> None:
+        try:
+            if error is None:
+                self._write_record()
+        finally:
+            self.lock.__exit__()
+            if error is not None and self.created and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+
+    def _previous_record(self) -> dict | None:
+        path = self.out / "run.json"
+        return checks.read_json(path, "run record") if path.is_file() else None
+
+    def _files(self) -> dict[str, tuple[int, int, int]]:
+        """The results at the top of the folder (not the record, locks or subfolders), by identity."""
+        return {f.name: (st.st_ino, st.st_mtime_ns, st.st_size) for f in self.out.iterdir()
+                if f.name != "run.json" and not f.name.startswith(".") and f.is_file() and (st := f.stat())}
+
+    def _write_record(self) -> None:
+        written = sorted(name for name, ident in self._files().items() if self.before.get(name) != ident)
+        record = {"tool": self.tool, **vars(self.args), "out": str(self.out), **self.fields, "files": written,
+                  "versions": run_versions()}
+        tmp = self.out / ".run.json.tmp"
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, self.out / "run.json")
+        for name in set(self.previous_files) - set(written):
+            (self.out / name).unlink(missing_ok=True)
+
+
 class _ClosedSafe(io.TextIOBase):
     """Standard output that survives its reader going away (``| head``: after a broken pipe, writes
     are dropped, so the run goes on to write its files) and a terminal whose encoding cannot show a
@@ -148,6 +225,9 @@ def run(body: Callable[[], int | None]) -> int:
         sys.stdout = stdout
 
 
+_HIDDEN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
 def _run(body: Callable[[], int | None]) -> int:
     """``body`` with its errors as one line each; the library's own warnings become one
     ``warning: ...`` line each after a run that succeeds (an error says all there is to say)."""
@@ -156,7 +236,8 @@ def _run(body: Callable[[], int | None]) -> int:
         status = _run_errors(body)
     for w in caught:
         if not w.category.__module__.startswith("tsds_interp"):
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)  # other libraries': as usual
+            if not issubclass(w.category, _HIDDEN_BY_DEFAULT):  # other libraries': as Python shows them
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         elif status == 0:
             say(f"warning: {_one_line(w.message)}")
     return status

@@ -17,7 +17,7 @@ def _parser() -> cli.Parser:
                    help="smallest |change| of a metric that labels a component")
     p.add_argument("--seed", type=cli.SEED, default=0)
     p.add_argument("--device", type=cli.device, default="cpu")
-    p.add_argument("--out", type=cli.out_dir, default="runs/ablation")
+    cli.add_output(p, "runs/ablation")
     p.add_argument("--max-batch", type=cli.integer(1, 2**20), default=2048,
                    help="episodes decoded at once (memory bound)")
     p.add_argument("--autocast", choices=("none", "bf16"), default="none", help="bfloat16 autocast")
@@ -25,14 +25,14 @@ def _parser() -> cli.Parser:
     return p
 
 
-def _ablate(args) -> int:
+def _ablate(args, results: cli.Results) -> int:
     checkpoint_config(args.checkpoint)
     model = load(resolve_checkpoint(args.checkpoint), device=args.device)
     with autocast(args.device, args.autocast):
         df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
                             quiet=args.quiet, max_batch=args.max_batch)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    results.record(checkpoint_path=str(resolve_checkpoint(args.checkpoint)))
     df.to_csv(out / "ablation.csv", index=False)
     for metric in SCORED:
         part = df[df.metric == metric].assign(head=lambda d: d["head"].map(lambda h: "mlp" if h < 0 else f"H{h}"))
@@ -44,9 +44,9 @@ def _ablate(args) -> int:
     wide = df.pivot_table(index=["component", "label"], columns="metric", values="delta", sort=False)
     print(f"{args.mode} ablation of {args.checkpoint}, {args.questions} questions: change vs baseline")
     print(wide[list(SCORED)].round(3).to_string())
-    print(f"\nwrote {out}/ablation.csv and heatmaps")
+    print(f"\nwrote {out}/ablation.csv, heatmaps and run.json")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _ablate, argv)
+    return cli.main(_parser(), _ablate, argv, tool="ablation")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from tsds_interp import cli
@@ -17,7 +15,6 @@ from tsds_interp.model import (
     shipped_names,
 )
 from tsds_interp.plotting import gradient_mass_bars, head_share_heatmap
-from tsds_interp.provenance import run_versions
 
 # ---------------------------------------------------------------- CLI
 
@@ -36,11 +33,11 @@ def _parser() -> cli.Parser:
     p.add_argument("--kl-estimator", choices=("k1", "k3"), default="k3")
     p.add_argument("--seed", type=cli.SEED, default=0)
     p.add_argument("--device", type=cli.device, default="cpu")
-    p.add_argument("--out", type=cli.out_dir, default="runs/attribution", help="folder for CSV, PNG and run.json")
+    cli.add_output(p, "runs/attribution", "folder for CSV, PNG and run.json")
     return p
 
 
-def _attribute(args) -> int:
+def _attribute(args, results: cli.Results) -> int:
     model_cfg = checkpoint_config(args.checkpoint)
     ref_name = args.ref or (_PREVIOUS_STAGE.get(args.checkpoint) if args.checkpoint in shipped_names() else None)
     if ref_name is not None:
@@ -59,7 +56,6 @@ def _attribute(args) -> int:
                        kl_estimator=args.kl_estimator)
     table = summarize(df)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "attribution.csv", index=False)
     table.to_csv(out / "summary.csv", index=False)
     name = checkpoint_label(resolve_checkpoint(args.checkpoint))
@@ -67,17 +63,15 @@ def _attribute(args) -> int:
     gradient_mass_bars(table, out / "gradient_mass.png", f"{name}: gradient mass by role ({size})")
     head_share_heatmap(head_decision_share(df), out / "head_decision_share.png",
                        f"{name}: decision share |g_d| / (|g_s| + |g_d|) per head ({size})")
-    (out / "run.json").write_text(json.dumps(
-        {"checkpoint": str(resolve_checkpoint(args.checkpoint)), "ref": ref_name, **vars(args),
-         "versions": run_versions()}, indent=2, default=str))
+    results.record(checkpoint_path=str(resolve_checkpoint(args.checkpoint)), ref=ref_name)
     if ref is None:
         print("note: no reference model, KL skipped (pass --ref CHECKPOINT)")
     cols = ["objective", "source", "norm_sample", "norm_decision", "ratio_decision_to_sample", "cosine",
             "decision_mass_share", "decision_token_share", "imbalance_index"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"wrote {out}/attribution.csv, summary.csv, gradient_mass.png, head_decision_share.png")
+    print(f"wrote {out}/attribution.csv, summary.csv, gradient_mass.png, head_decision_share.png, run.json")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _attribute, argv)
+    return cli.main(_parser(), _attribute, argv, tool="attribution")

@@ -12,7 +12,6 @@ are given only where the gap's interval excludes 0.
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 import time
@@ -28,7 +27,6 @@ from tsds_interp.forward import refusal
 from tsds_interp.model import autocast, checkpoint_config, checkpoint_label, load, resolve_checkpoint
 from tsds_interp.patching import GRANULARITY_GRIDS, MAX_PAIRS, gap_line, run_patching, top_components
 from tsds_interp.plotting import heatmap
-from tsds_interp.provenance import run_versions
 
 # The shipped model whose decision separates its own wrong steps from the truth most (decision gap of
 # the default run, 32 own-wrong pairs: steps_sft 0.665 [0.081, 1.483], steps_rl 0.204 [0.008, 0.518],
@@ -82,7 +80,7 @@ def _parser() -> cli.Parser:
     p.add_argument("--ig-steps", type=cli.integer(1, 1000), default=1,
                    help="integrated-gradient steps of attribution patching (1 = plain gradient x difference)")
     p.add_argument("--top", type=cli.integer(1, 10_000), default=8, help="components to print per function")
-    p.add_argument("--out", type=cli.out_dir, default="runs/patch", help="output folder")
+    cli.add_output(p, "runs/patch")
     p.add_argument("--memory-mb", type=cli.real(0, 1e7, lo_open=True), default=256,
                    help="activation budget of one batch of patched variants (chunks the sweep)")
     p.add_argument("--device", type=cli.device, default="cpu")
@@ -92,7 +90,7 @@ def _parser() -> cli.Parser:
     return p
 
 
-def _patch(args) -> int:
+def _patch(args, results: cli.Results) -> int:
     task = checkpoint_config(args.checkpoint).task
     if args.cells not in ("auto", "all"):
         task.in_distribution(args.cells)
@@ -111,7 +109,6 @@ def _patch(args) -> int:
     df = pd.concat(frames, ignore_index=True)
     elapsed = time.time() - t0
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "patching.csv", index=False)
     files = _plots(df, out, f"({args.method}, {checkpoint_label(path)})", model)
     top = top_components(df, args.top)
@@ -123,17 +120,14 @@ def _patch(args) -> int:
         print("\n" + gap_line(df[df.function == function]))
         print(f"top {function} components:")
         print(part.drop(columns="function").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
-                                              "elapsed_s": elapsed, "peak_memory_mb": peak_memory_mb(args.device),
-                                              "fast_path": refusal(model) or "own weights (exact)",
-                                              "files": ["patching.csv", *files],
-                                              "versions": run_versions()}, indent=2))
+    results.record(checkpoint_path=str(path), elapsed_s=elapsed, peak_memory_mb=peak_memory_mb(args.device),
+                   fast_path=refusal(model) or "own weights (exact)")
     print(f"\nwrote {out}/patching.csv, {', '.join(files)}, run.json")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _patch, argv)
+    return cli.main(_parser(), _patch, argv, tool="patch")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from tsds_interp import cli, probe
 from tsds_interp.model import checkpoint_config, checkpoint_label, load, resolve_checkpoint
 from tsds_interp.plotting import auc_panels
 from tsds_interp.probe import MIN_QUESTIONS, probe_study
-from tsds_interp.provenance import run_versions
 from tsds_interp.verification import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES
 
 
@@ -23,13 +21,13 @@ def _parser() -> cli.Parser:
     p.add_argument("--temperature", type=cli.real(0, 100, lo_open=True), default=1.0)
     p.add_argument("--bootstrap", type=cli.integer(10, MAX_BOOT), default=1000)
     p.add_argument("--seed", type=cli.SEED, default=0)
-    p.add_argument("--out", type=cli.out_dir, default="runs/probe")
+    cli.add_output(p, "runs/probe")
     p.add_argument("--device", type=cli.device, default="cpu")
     p.add_argument("--quiet", action="store_true")
     return p
 
 
-def _probe(args) -> int:
+def _probe(args, results: cli.Results) -> int:
     task = checkpoint_config(args.checkpoint).task
     if args.cells != "all":
         task.in_distribution(args.cells)
@@ -39,7 +37,6 @@ def _probe(args) -> int:
     df = probe_study(model, args.cells, args.train_questions, args.test_questions, args.samples,
                      args.temperature, args.seed, args.bootstrap, args.quiet)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "probe.csv", index=False)
     part = df[df.cell == "all"]
     resid = df[df.site.str.startswith("resid")].assign(layer=lambda d: d.site.str.split().str[1].astype(int))
@@ -55,12 +52,10 @@ def _probe(args) -> int:
     print(f"probes of {path}, {time.time() - t0:.1f}s; held-out within-question AUC (all cells), best 12:")
     print(show[["site", "position", "probe_auc", "lo", "hi", "n", "readout_auc", "cos_readout"]].to_string(
         index=False, float_format=lambda x: f"{x:.3f}"))
-    (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
-                                              "files": ["probe.csv", "probe_resid.png", "probe_heads.png"],
-                                              "versions": run_versions()}, indent=2))
+    results.record(checkpoint_path=str(path))
     print(f"\nwrote {out}/probe.csv, probe_resid.png, probe_heads.png, run.json")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _probe, argv)
+    return cli.main(_parser(), _probe, argv, tool="probe")

@@ -9,7 +9,6 @@ greedy / sampled accuracy and slip share). Writes ``verification.csv`` (tidy, 95
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -18,7 +17,6 @@ import pandas as pd
 from tsds_interp import cli
 from tsds_interp.model import checkpoint_config, checkpoint_label, load, resolve_checkpoint
 from tsds_interp.plotting import verification_plot
-from tsds_interp.provenance import run_versions
 from tsds_interp.verification import MAX_BOOT, MAX_QUESTIONS, MAX_SAMPLES, verification_metrics
 
 SUMMARY = ("greedy_accuracy", "sample_accuracy", "slip_share", "within_auc@1", "within_auc@2",
@@ -41,7 +39,7 @@ def _parser() -> cli.Parser:
     p.add_argument("--cells", default=None, help="comma-separated cells, e.g. 2x3,3x2 (default: all in-distribution)")
     p.add_argument("--bootstrap", type=cli.integer(10, MAX_BOOT), default=1000,
                    help="bootstrap resamples for the intervals")
-    p.add_argument("--out", type=cli.out_dir, default="runs/verify", help="output folder")
+    cli.add_output(p, "runs/verify")
     p.add_argument("--device", type=cli.device, default="cpu")
     p.add_argument("--seed", type=cli.SEED, default=0)
     return p
@@ -80,7 +78,7 @@ def small_sample_notes(df: pd.DataFrame, metric: str) -> list[str]:
     return notes
 
 
-def _verify(args) -> int:
+def _verify(args, results: cli.Results) -> int:
     task = checkpoint_config(args.checkpoint).task
     cells = tuple(c.strip() for c in args.cells.split(",")) if args.cells else None
     if cells:
@@ -92,7 +90,6 @@ def _verify(args) -> int:
                               args.bootstrap, cells)
     elapsed = time.time() - t0
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "verification.csv", index=False)
     verification_plot(df, out / "verification.png",
                       f"Does the decision verify? {checkpoint_label(path)}: n={args.questions} held-out questions "
@@ -104,14 +101,13 @@ def _verify(args) -> int:
     notes = small_sample_notes(df, "within_auc@1")
     if notes:
         print("\n" + "\n".join(notes))
-    (out / "run.json").write_text(json.dumps({**vars(args), "out": str(out), "checkpoint_path": str(path),
-                                              "elapsed_s": elapsed, "versions": run_versions()}, indent=2))
+    results.record(checkpoint_path=str(path), elapsed_s=elapsed)
     print(f"\nwrote {out}/verification.csv, verification.png, run.json")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(_parser(), _verify, argv)
+    return cli.main(_parser(), _verify, argv, tool="verify")
 
 
 if __name__ == "__main__":

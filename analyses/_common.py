@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from tsds_interp.model import load
+from tsds_interp.rollout import progress
 from tsds_interp.stats import seed_interval
 from tsds_interp.verification import heldout_metrics
 
@@ -29,10 +30,10 @@ def checkpoint_groups(labels: list[str], seed_runs: list[str] | None) -> dict[st
 def evaluate_groups(groups: dict[str, list[str]], n_questions: int, n_ood: int = 256) -> pd.DataFrame:
     """Held-out DS metrics of every checkpoint: tidy, with ``label`` and ``seed`` (its index)."""
     frames = []
-    for label, ckpts in groups.items():
-        for seed, ckpt in enumerate(ckpts):
-            df = heldout_metrics(load(ckpt), n_questions=n_questions, n_ood=n_ood)
-            frames.append(df.assign(label=label, seed=seed, checkpoint=ckpt))
+    models = [(label, seed, ckpt) for label, ckpts in groups.items() for seed, ckpt in enumerate(ckpts)]
+    for label, seed, ckpt in progress(models, "evaluating", "model"):
+        df = heldout_metrics(load(ckpt), n_questions=n_questions, n_ood=n_ood)
+        frames.append(df.assign(label=label, seed=seed, checkpoint=ckpt))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -46,6 +46,7 @@ from tsds_interp.circuits import (  # noqa: E402
 from tsds_interp.edges import draw_graph, prune  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.pairs import make_pairs  # noqa: E402
+from tsds_interp.rollout import progress  # noqa: E402
 
 EFFECTS = ("within_auc", "logit_gap", "logit_gap_share", "greedy_accuracy", "sample_accuracy")
 
@@ -178,26 +179,27 @@ def _run(args, argv=None) -> int:
     all_scores, infos, all_effects, all_edges = [], [], [], []
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
-    for label, ckpts in checkpoint_groups(args.labels, args.seed_runs).items():
-        for seed, ckpt in enumerate(ckpts):
-            tag = dict(label=label, seed=seed, checkpoint=ckpt)
-            stem = parts / f"{label}_s{seed}"
-            if not (done := Path(f"{stem}.json")).is_file():  # each model's results are kept: a rerun resumes
-                model_seed = args.seed + 1 + 1000 * seed + zlib.crc32(label.encode()) % 997  # per model
-                scores, info, effects, edges = study(ckpt, args, model_seed)
-                scores.to_csv(f"{stem}_scores.csv", index=False)
-                effects.to_csv(f"{stem}_effects.csv", index=False)
-                edges.to_csv(f"{stem}_edges.csv", index=False)
-                done.write_text(json.dumps(info))
-            info = json.loads(done.read_text())
-            all_scores.append(pd.read_csv(f"{stem}_scores.csv").assign(**tag))
-            all_effects.append(pd.read_csv(f"{stem}_effects.csv", keep_default_na=False, na_values=[""]).assign(**tag))
-            all_edges.append(pd.read_csv(f"{stem}_edges.csv").assign(**tag))
-            for function, part in all_edges[-1].groupby("function"):  # drawn on every run: a rerun's results
-                draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
-                           f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution)")
-            infos.append({**tag, **info})
-            print(f"{label} seed {seed}: {info}", flush=True)
+    groups = checkpoint_groups(args.labels, args.seed_runs)
+    for label, seed, ckpt in progress([(label, seed, ckpt) for label, ckpts in groups.items()
+                                       for seed, ckpt in enumerate(ckpts)], "circuits", "model"):
+        tag = dict(label=label, seed=seed, checkpoint=ckpt)
+        stem = parts / f"{label}_s{seed}"
+        if not (done := Path(f"{stem}.json")).is_file():  # each model's results are kept: a rerun resumes
+            model_seed = args.seed + 1 + 1000 * seed + zlib.crc32(label.encode()) % 997  # per model
+            scores, info, effects, edges = study(ckpt, args, model_seed)
+            scores.to_csv(f"{stem}_scores.csv", index=False)
+            effects.to_csv(f"{stem}_effects.csv", index=False)
+            edges.to_csv(f"{stem}_edges.csv", index=False)
+            done.write_text(json.dumps(info))
+        info = json.loads(done.read_text())
+        all_scores.append(pd.read_csv(f"{stem}_scores.csv").assign(**tag))
+        all_effects.append(pd.read_csv(f"{stem}_effects.csv", keep_default_na=False, na_values=[""]).assign(**tag))
+        all_edges.append(pd.read_csv(f"{stem}_edges.csv").assign(**tag))
+        for function, part in all_edges[-1].groupby("function"):  # drawn on every run: a rerun's results
+            draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
+                       f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution)")
+        infos.append({**tag, **info})
+        print(f"{label} seed {seed}: {info}", flush=True)
     scores, circuits, effects = (pd.concat(all_scores), pd.DataFrame(infos), pd.concat(all_effects))
     scores.to_csv(out / "node_scores.csv", index=False)
     edges = pd.concat(all_edges)

@@ -25,6 +25,7 @@ from tsds_interp import cli  # noqa: E402
 from tsds_interp.gradient_split import attribute_all, default_batches, head_decision_share, summarize  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.plotting import gradient_mass_bars, head_share_heatmap  # noqa: E402
+from tsds_interp.rollout import progress  # noqa: E402
 
 
 def _parser() -> cli.Parser:
@@ -40,7 +41,7 @@ def _run(args, argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frames, tables = [], []
-    for pair in args.checkpoints:
+    for pair in progress(args.checkpoints, "attribution", "model"):
         name, _, ref_name = pair.partition(":")
         model, ref = load(name), (load(ref_name) if ref_name else None)
         label = Path(name).parent.name if Path(name).exists() else name

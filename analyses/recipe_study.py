@@ -25,7 +25,7 @@ from _common import fmt  # noqa: E402
 from tsds_interp import cli  # noqa: E402
 from tsds_interp.metrics import ds_metrics  # noqa: E402
 from tsds_interp.model import config_of, load, resolve_checkpoint  # noqa: E402
-from tsds_interp.rollout import rollout  # noqa: E402
+from tsds_interp.rollout import progress, rollout  # noqa: E402
 from tsds_interp.task import TaskConfig, sample_questions  # noqa: E402
 from tsds_interp.verification import collect_verification, hard_cells, verification_table  # noqa: E402
 
@@ -91,7 +91,8 @@ def _parser() -> cli.Parser:
 
 def _run(args, argv=None) -> int:
     pairs = [m.split("=", 1) if "=" in m else (m, m) for m in args.models]
-    df = pd.DataFrame([row for label, where in pairs for row in evaluate(label, where, args.questions)])
+    df = pd.DataFrame([row for label, where in progress(pairs, "recipes", "model")
+                       for row in evaluate(label, where, args.questions)])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "recipes.csv", index=False)

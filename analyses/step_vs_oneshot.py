@@ -28,7 +28,7 @@ import pandas as pd  # noqa: E402
 
 from tsds_interp import cli  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
-from tsds_interp.rollout import rollout  # noqa: E402
+from tsds_interp.rollout import progress, rollout  # noqa: E402
 from tsds_interp.stats import wilson  # noqa: E402
 from tsds_interp.task import TaskConfig, sample_questions  # noqa: E402
 from tsds_interp.verification import verification_metrics  # noqa: E402
@@ -61,7 +61,7 @@ def compare(models: list[str], cells: list[tuple[int, int]], n: int) -> pd.DataF
     top = max(a + b for a, b in cells)
     groups = {"all": cells, "hard": [c for c in cells if sum(c) == top]}
     rows = []
-    for name in models:
+    for name in progress(models, "models", "model"):
         model = load(name)
         task = model.tsds_config.task
         missing = [c for c in cells if c not in task.train_cells]

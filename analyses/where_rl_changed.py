@@ -43,6 +43,7 @@ from tsds_interp.components import by_label  # noqa: E402
 from tsds_interp.gradient_split import parameter_groups  # noqa: E402
 from tsds_interp.metrics import ds_metrics  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
+from tsds_interp.rollout import progress  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
 
 SHOWN = ("within_auc", "p_d_given_w", "p_d_given_c", "realized_accuracy", "p_s")
@@ -122,7 +123,7 @@ def _run(args, argv=None) -> int:
     (out / "parts").mkdir(parents=True, exist_ok=True)
     groups = checkpoint_groups(["sft", "rl"], args.seed_runs)
     changes, transplants, corr = [], [], []
-    for seed, (sft_ckpt, rl_ckpt) in enumerate(zip(groups["sft"], groups["rl"])):
+    for seed, (sft_ckpt, rl_ckpt) in progress(list(enumerate(zip(groups["sft"], groups["rl"]))), "seeds", "seed"):
         info_file = src / f"rl_s{seed}.json"
         if not info_file.is_file():
             print(f"seed {seed}: no {info_file} yet (run analyses/circuit_dissociation.py); skipped", flush=True)

@@ -182,7 +182,8 @@ def test_a_tools_folder_is_its_own_a_rerun_leaves_no_stale_files_and_a_second_wr
 
     save(random_model, tmp_path / "ck")
     out = tmp_path / "o"
-    patch = ["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--granularity", "layer", "--quiet", "--out", str(out)]
+    patch = ["--checkpoint", str(tmp_path / "ck"), "--pairs", "4", "--granularity", "layer", "--quiet",
+             "--out", str(out)]
     assert patch_cli.main(patch) == 0
     assert {"sampling_attn_out.png", "decision_attn_out.png"} <= set(_state(out))
     assert patch_cli.main([*patch, "--function", "decision"]) == 0  # a rerun that writes fewer files
@@ -242,6 +243,26 @@ def test_a_file_size_limit_while_checkpointing_is_one_line_and_keeps_the_last_ch
     assert "File too large" in err or "too large" in err.lower(), err
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == saved  # the last checkpoint is intact
     assert [p.name for p in out.iterdir() if "tmp" in p.name] == []
+
+
+def test_memory_is_checked_against_the_process_limit_and_an_allocator_failure_is_one_line(tmp_path):
+    """Under ``ulimit -v 4G`` on a machine with more memory: weights past the limit are refused by the
+    check, and weights that fit but whose training state does not end in one line, not torch's error."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+    for sizes, words in ((["--d-model", "4096", "--n-layers", "8", "--d-mlp", "16384"],
+                          "more than this process's address-space limit (4.0 GiB)"),
+                         (["--d-model", "2048", "--n-layers", "8", "--d-mlp", "8192"],
+                          "does not fit in memory (an allocation of")):
+        run = subprocess.run([sys.executable, "-m", "tsds_interp.train", "pretrain", "--preset", "tiny", "--steps", "2",
+                              "--quiet", "--out", str(tmp_path / "x"), *sizes], preexec_fn=limited,
+                             capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        err = run.stderr.decode()
+        assert run.returncode == 2 and words in err, err[-2000:]
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not (tmp_path / "x" / "checkpoint").exists()
 
 
 def test_a_second_training_into_the_same_folder_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
@@ -480,3 +501,23 @@ def test_a_non_ascii_out_on_an_ascii_terminal_is_written_and_shown_escaped(tmp_p
     assert run.returncode == 0, run.stderr[-1000:]
     assert (out / "run.json").is_file()
     assert b"r\\xe9sultats" in run.stdout and b"Traceback" not in run.stderr
+
+
+def test_long_runs_warn_with_their_estimate_and_go_on(random_model, monkeypatch):
+    """Every long loop (ablation's components, the probes' candidate sampling, verify's rollouts, the
+    analyses' models) goes through ``rollout.progress``: past ``LONG_RUN_S`` it warns, and runs on."""
+    import importlib
+
+    from tsds_interp.ablation import ablation_sweep
+    from tsds_interp.pairs import own_samples
+    from tsds_interp.rollout import LongRunWarning
+    from tsds_interp.task import sample_questions
+
+    monkeypatch.setattr(importlib.import_module("tsds_interp.rollout"), "LONG_RUN_S", 0.0)
+    with pytest.warns(LongRunWarning, match=r"zero ablation: 10 components will take about"):
+        df = ablation_sweep(random_model, 4, quiet=True)
+    assert df.component.nunique() == 10  # 2 layers x (4 heads + MLP): the run went on
+    task = random_model.tsds_config.task
+    with pytest.warns(LongRunWarning, match="sampling candidates: 320 episodes will take about"):
+        samples = own_samples(random_model, sample_questions(task, "test", 40, seed=0), task, 8, 1.0, 0)
+    assert samples.shape == (40, 8)

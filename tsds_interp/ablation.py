@@ -20,14 +20,13 @@ from collections.abc import Callable
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from tsds_interp import checks
 from tsds_interp.components import Component, components
 from tsds_interp.metrics import ds_metrics
 from tsds_interp.model import config_of
 from tsds_interp.patching import check_hook_names
-from tsds_interp.rollout import rollout
+from tsds_interp.rollout import progress, rollout
 from tsds_interp.stats import proportion_difference
 from tsds_interp.task import sample_questions
 
@@ -87,7 +86,7 @@ def ablation_sweep(model, n_questions: int = 256, mode: str = "zero", seed: int 
     rows = []
     comps = components(model)
     check_hook_names(model, sorted({c.hook_name for c in comps}))
-    for c in tqdm(comps, desc=f"{mode} ablation", disable=quiet):
+    for c in progress(comps, f"{mode} ablation", "component", quiet):
         hook = ablation_hook(c, _replacement(model, c, mode, reference))
         m = ds_metrics(rollout_with_hooks(model, q, [(c.hook_name, hook)], **kw)).query("cell == 'all'")
         m = m.set_index("metric")

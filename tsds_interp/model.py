@@ -89,16 +89,31 @@ class ModelConfig:
         return cls(**d)
 
 
-def check_fits_in_memory(cfg: ModelConfig) -> None:
-    """``ValueError`` when the weights alone would not fit in this machine's memory."""
-    need = cfg.n_params * 4
+def memory_available() -> tuple[int, str] | None:
+    """The bytes this process may hold and what bounds them: the machine's physical memory, or the
+    process's address-space or data limit (``ulimit -v`` / ``-d``) where lower; None if unknown."""
     try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        import resource
+    except ImportError:  # not on Windows
+        resource = None
+    bounds = []
+    try:
+        bounds.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"))
     except (ValueError, OSError, AttributeError):
-        return
-    if need > have:
+        pass
+    for name, words in (("RLIMIT_AS", "address-space limit"), ("RLIMIT_DATA", "data-size limit")) * bool(resource):
+        soft = resource.getrlimit(getattr(resource, name))[0]
+        if soft != resource.RLIM_INFINITY:
+            bounds.append((soft, f"this process's {words}"))
+    return min(bounds) if bounds else None
+
+
+def check_fits_in_memory(cfg: ModelConfig) -> None:
+    """``ValueError`` when the weights alone would not fit in the memory this process may use."""
+    need, have = cfg.n_params * 4, memory_available()
+    if have is not None and need > have[0]:
         raise ValueError(f"a model with these sizes has {cfg.n_params:,} parameters ({need / 2**30:.1f} GiB), "
-                         f"more than this machine's memory ({have / 2**30:.1f} GiB); use smaller sizes")
+                         f"more than {have[1]} ({have[0] / 2**30:.1f} GiB); use smaller sizes")
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> TransformerBridge:

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tsds_interp.model import config_of, task_of
-from tsds_interp.rollout import rollout, sample_steps
+from tsds_interp.rollout import rollout_with_progress, sample_steps
 from tsds_interp.stats import boot_mean, mean_gap
 from tsds_interp.task import (
     ACCEPT,
@@ -78,8 +78,8 @@ class Pairs:
 def own_samples(model, questions: Questions, task: TaskConfig, samples: int, temperature: float, seed: int
                 ) -> Int[Tensor, "n samples"]:
     """``samples`` first-attempt candidates per question (-1 = malformed), sampled at ``temperature``."""
-    r = rollout(model, questions.repeat_interleave(samples), task=task, budget=1, temperature=temperature,
-                seed=seed)
+    r = rollout_with_progress(model, questions.repeat_interleave(samples), "sampling candidates", task=task,
+                              budget=1, temperature=temperature, seed=seed)
     return r.values[:, 0].view(len(questions), samples)
 
 

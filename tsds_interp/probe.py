@@ -28,12 +28,11 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tsds_interp import checks, stats
 from tsds_interp.model import config_of
 from tsds_interp.pairs import own_samples
-from tsds_interp.rollout import sample_steps
+from tsds_interp.rollout import progress, sample_steps
 from tsds_interp.task import (
     ACCEPT,
     REJECT,
@@ -192,7 +191,7 @@ def probe_study(model, cells=None, train_questions: int = 4096, test_questions: 
     rng = np.random.default_rng(seed)
     groups = [("all", np.ones(len(test.cells), bool))] + [(c, test.cells == c) for c in sorted(set(test.cells))]
     rows = []
-    for (site, pos), x in tqdm(a_train.items(), desc="probes", disable=quiet):
+    for (site, pos), x in progress(list(a_train.items()), "probes", "probe", quiet):
         w, b = fit_probe(x, train.correct)
         train_auc = rows_within_auc(x @ w, train.question, train.correct).mean()
         cos = float(torch.nn.functional.cosine_similarity(w, u, dim=0))

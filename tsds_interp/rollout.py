@@ -161,24 +161,30 @@ class LongRunWarning(UserWarning):
 LONG_RUN_S = 3600.0  # an estimate above this gets a warning before the run goes on
 
 
+def progress(items, desc: str, unit: str = "it", quiet: bool = False, size=lambda item: 1, total: int | None = None):
+    """``items`` with a progress bar and time estimate (on a terminal, unless ``quiet``; an item counts
+    ``size(item)`` units of ``total``), and a :class:`LongRunWarning` when, after the first item, the
+    estimate for all of them passes :data:`LONG_RUN_S`: the run goes on, Ctrl-C stops it."""
+    total = sum(map(size, items)) if total is None else total
+    start = time.perf_counter()
+    with tqdm(total=total, desc=desc, unit=unit, disable=True if quiet else None) as bar:
+        for i, item in enumerate(items):
+            yield item
+            bar.update(size(item))
+            if i == 0 and (estimate := (time.perf_counter() - start) * total / max(size(item), 1)) > LONG_RUN_S:
+                warnings.warn(f"{desc}: {total} {unit}s will take about {estimate / 3600:.1f} h at this rate; "
+                              "Ctrl-C stops the run, a smaller size shortens it", LongRunWarning, stacklevel=2)
+
+
 def rollout_with_progress(model, questions: Questions, desc: str = "rollouts", chunk: int = 256, **kw):
     """:func:`rollout` of ``questions`` in row chunks (the very episodes of one call: ``rows`` keeps
-    each row's random draws) with a progress bar and time estimate (shown on a terminal), and a
-    warning on the console when the estimate passes an hour."""
+    each row's random draws) with :func:`progress`'s bar, estimate and warning."""
     n = len(questions)
     if n <= chunk:
         return rollout(model, questions, **kw)
-    parts, start = [], time.perf_counter()
-    with tqdm(total=n, desc=desc, unit="episode", disable=None) as bar:
-        for lo in range(0, n, chunk):
-            parts.append(rollout(model, questions, rows=slice(lo, lo + chunk), **kw))
-            bar.update(len(parts[-1]))
-            if lo == 0:
-                estimate = (time.perf_counter() - start) * n / len(parts[0])
-                if estimate > LONG_RUN_S:
-                    warnings.warn(f"{desc}: {n} episodes will take about {estimate / 3600:.1f} h at this rate; "
-                                  "Ctrl-C stops the run, fewer questions or samples shorten it", LongRunWarning,
-                                  stacklevel=2)
+    starts = range(0, n, chunk)
+    parts = [rollout(model, questions, rows=slice(lo, lo + chunk), **kw)
+             for lo in progress(starts, desc, "episode", size=lambda lo: min(chunk, n - lo), total=n)]
     return type(parts[0]).cat(parts)
 
 

@@ -9,11 +9,13 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 from tsds_interp import checks
@@ -256,9 +258,26 @@ def _run_errors(body: Callable[[], int | None]) -> int:
         where = f" ({e.filename})" if e.filename else ""
         say(f"error: {e.strerror or e}{where}")
         return EXIT_BAD_INPUT
+    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_allocator_failure(e):
+            raise
+        say(f"error: does not fit in memory ({_allocation(e)}); use smaller sizes, fewer questions or a "
+            "smaller --max-batch / --memory-mb where the tool has one")
+        return EXIT_BAD_INPUT
     except SafetensorError as e:  # storage errors while writing tensors (a full disk, a file-size limit)
         say(f"error: could not write or read tensors: {_one_line(e)}; check the disk space and limits")
         return EXIT_BAD_INPUT
+
+
+def _is_allocator_failure(e: RuntimeError) -> bool:
+    """torch's CPU allocator refusing a request (its error is a plain ``RuntimeError``)."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+def _allocation(e: Exception) -> str:
+    """The size of the allocation that failed, as far as the error says."""
+    size = re.search(r"allocate (\d+) bytes", str(e))
+    return f"an allocation of {int(size[1]) / 2**30:.2f} GiB failed" if size else _one_line(e) or "out of memory"
 
 
 def _one_line(e: Exception) -> str:

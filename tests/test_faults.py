@@ -521,3 +521,32 @@ def test_long_runs_warn_with_their_estimate_and_go_on(random_model, monkeypatch)
     with pytest.warns(LongRunWarning, match="sampling candidates: 320 episodes will take about"):
         samples = own_samples(random_model, sample_questions(task, "test", 40, seed=0), task, 8, 1.0, 0)
     assert samples.shape == (40, 8)
+
+
+def test_one_ctrl_c_during_a_long_evaluation_is_honoured_at_the_next_row_chunk(tmp_path, monkeypatch):
+    """A real SIGINT arrives while training evaluates 10 row chunks: evaluation stops after the chunk
+    it is in, the step is checkpointed and training stops, without waiting for the other 9 chunks."""
+    import importlib
+
+    from tsds_interp.checkpointing import Interrupted
+
+    train_module = importlib.import_module("tsds_interp.train")
+    real, chunks = train_module.rollout, []
+
+    def slow_chunk(*args, **kw):
+        chunks.append(kw["rows"])
+        if len(chunks) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        return real(*args, **kw)
+    monkeypatch.setattr(train_module, "rollout", slow_chunk)
+    cfg = preset_config("tiny", "pretrain", steps=5, eval_every=1, eval_questions=10 * train_module.EVAL_CHUNK,
+                        ckpt_every=100, log_every=1)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted, match="stopped at step 1"):
+        run_stage(Stage.build(cfg), tmp_path / "stage", quiet=True)
+    assert chunks == [slice(0, train_module.EVAL_CHUNK)]
+    assert json.loads((tmp_path / "stage" / "checkpoint" / "train_state.json").read_text())["step"] == 1
+    row = json.loads((tmp_path / "stage" / "log.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 1 and not any(k.startswith("eval_") for k in row)  # no half-evaluated metrics
+    assert signal.getsignal(signal.SIGINT) is before

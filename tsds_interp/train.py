@@ -271,8 +271,20 @@ STEP = {"pretrain": supervised_step, "sft": supervised_step, "rl": rl_step}
 
 # ---------------------------------------------------------------- the loop
 
-def evaluate(s: Stage, questions) -> pd.DataFrame:
-    return ds_metrics(rollout(s.model, questions, task=s.task, temperature=s.cfg.eval_temperature, seed=99))
+EVAL_CHUNK = 256  # evaluation rows decoded between two looks at the stop flag
+
+
+def evaluate(s: Stage, questions, stop: StopRequested | None = None) -> pd.DataFrame | None:
+    """Held-out DS metrics of the model now, from row chunks of one rollout (the very episodes of one
+    call); None as soon as ``stop`` is raised, so that Ctrl-C is honoured within a chunk, not after
+    the whole evaluation."""
+    parts = []
+    for lo in range(0, len(questions), EVAL_CHUNK):
+        if stop is not None and stop.flag:
+            return None
+        parts.append(rollout(s.model, questions, task=s.task, temperature=s.cfg.eval_temperature, seed=99,
+                             rows=slice(lo, lo + EVAL_CHUNK)))
+    return ds_metrics(type(parts[0]).cat(parts))
 
 
 def save_checkpoint(s: Stage, out: Path) -> None:
@@ -317,8 +329,8 @@ def _train_loop(s: Stage, out: Path, resume: bool, quiet: bool, stop_after: int 
                 bar.update(1)
                 row = {"step": s.step, **info}
                 evaluated = first and (s.step % cfg.eval_every == 0 or s.step == cfg.steps)
-                if evaluated:
-                    m = evaluate(s, eval_q).query("cell == 'all'").set_index("metric")["value"]
+                if evaluated and (metrics := evaluate(s, eval_q, stop)) is not None:
+                    m = metrics.query("cell == 'all'").set_index("metric")["value"]
                     row.update({f"eval_{k}": float(v) for k, v in m.items()})
                 if first and (evaluated or s.step % cfg.log_every == 0):
                     log.write(json.dumps({**row, "elapsed_s": time.time() - start}) + "\n")

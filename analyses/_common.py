@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from tsds_interp.model import load
+from tsds_interp.plotting import wrapped
 from tsds_interp.rollout import progress
 from tsds_interp.stats import seed_interval
 from tsds_interp.verification import heldout_metrics
@@ -75,6 +76,19 @@ def over_seeds(df: pd.DataFrame, value: str = "value", keys=("label", "cell", "m
 
 def fmt(mean: float, lo: float, hi: float) -> str:
     return "—" if np.isnan(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def seeds_title(agg: pd.DataFrame, what: str, questions: int) -> str:
+    """A figure title naming ``what`` is shown, the models and seeds behind each point and n."""
+    k = int(agg.seeds.min())
+    spread = (f"mean over {k} seeds with 95% intervals (t over seeds, kept in the metric's bounds)" if k > 1 else
+              "one seed, 95% intervals over questions")
+    return f"{what}: {', '.join(agg.label.unique())}; {spread}; n = {questions} held-out questions per model"
+
+
+def suptitle(fig, title: str) -> None:
+    """``title`` over the whole figure, wrapped to its width."""
+    fig.suptitle(wrapped(title, fig.get_figwidth()), fontsize=9)
 
 
 def cell_points(ax, agg: pd.DataFrame, metric: str, labels, cells: list[str]) -> None:

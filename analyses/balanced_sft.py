@@ -21,7 +21,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
+from _common import (  # noqa: E402
+    KEY_METRICS,
+    cell_points,
+    checkpoint_groups,
+    evaluate_groups,
+    fmt,
+    over_seeds,
+    seeds_title,
+    suptitle,
+)
 
 from tsds_interp import cli  # noqa: E402
 
@@ -37,11 +46,12 @@ def gap_closed(agg: pd.DataFrame) -> pd.DataFrame:
     return w.reset_index()
 
 
-def figure(agg: pd.DataFrame, path: Path) -> None:
+def figure(agg: pd.DataFrame, path: Path, questions: int) -> None:
     cells = [c for c in agg.cell.unique() if c != "all"] + ["all"]
     fig, axes = plt.subplots(1, len(SHOWN), figsize=(4 * len(SHOWN), 3.8))
     for ax, metric in zip(axes, SHOWN):
         cell_points(ax, agg, metric, LABELS, cells)
+    suptitle(fig, seeds_title(agg, "Held-out DS metrics per cell, SFT vs role-balanced SFT", questions))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -64,7 +74,7 @@ def _run(args, argv=None) -> int:
     metrics.to_csv(out / "metrics.csv", index=False)
     agg.merge(gaps[["cell", "metric", "gap_closed"]], on=["cell", "metric"]).to_csv(out / "comparison.csv",
                                                                                    index=False)
-    figure(agg, out / "balanced_sft.png")
+    figure(agg, out / "balanced_sft.png", args.questions)
     shown = agg[agg.metric.isin(SHOWN)].assign(v=lambda d: [fmt(*r) for r in d[["mean", "lo", "hi"]].values])
     table = shown.pivot_table(index="cell", columns=["metric", "label"], values="v", aggfunc="first", sort=False)
     gtable = gaps[gaps.metric.isin(("p_d_given_w", "realized_accuracy"))].pivot(

@@ -46,6 +46,7 @@ from tsds_interp.circuits import (  # noqa: E402
 from tsds_interp.edges import draw_graph, prune  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
 from tsds_interp.pairs import make_pairs  # noqa: E402
+from tsds_interp.plotting import wrapped  # noqa: E402
 from tsds_interp.rollout import progress  # noqa: E402
 
 EFFECTS = ("within_auc", "logit_gap", "logit_gap_share", "greedy_accuracy", "sample_accuracy")
@@ -125,7 +126,7 @@ def targets(effects: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def figure(effects: pd.DataFrame, path: Path) -> None:
+def figure(effects: pd.DataFrame, path: Path, questions: int) -> None:
     """Per effect: the change when each circuit (circle) or its top component (square) is ablated,
     one point per seed with its 95% interval, beside the mean over its matched controls (grey)."""
     eff = with_gap_share(effects)
@@ -146,8 +147,11 @@ def figure(effects: pd.DataFrame, path: Path) -> None:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_ylabel(f"change in\n{metric}", fontsize=8)
     axes[-1].set_xticks(range(len(groups)), [f"{a} {b}: {c}" for a, b, c in groups], fontsize=7, rotation=90)
-    fig.suptitle("Ablating each circuit (blue: decision, orange: sampling, grey: its type-matched controls, "
-                 "mean over controls; squares: top component); one point per seed, 95% intervals", fontsize=9)
+    seeds = int(effects.groupby("label").seed.nunique().min())
+    fig.suptitle(wrapped(f"Ablating each circuit (blue: decision, orange: sampling, grey: its type-matched controls, "
+                         f"mean over controls; squares: top component); one point per seed ({seeds} "
+                         f"seed{'s' * (seeds > 1)}), 95% intervals; n = {questions} held-out questions per ablation",
+                         fig.get_figwidth()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -210,7 +214,7 @@ def _run(args, argv=None) -> int:
                                       else -c.abs())
     circuits.to_csv(out / "circuits.csv", index=False)
     effects.to_csv(out / "dissociation.csv", index=False)
-    figure(effects, out / "dissociation.png")
+    figure(effects, out / "dissociation.png", args.questions)
     base = effects[effects.ablated == "none"].pivot_table(index=["label", "seed"], columns="metric", values="value")
     text = "\n".join([
         "# Decision and sampling circuits: named by three methods, tested by ablation", "",

@@ -26,7 +26,7 @@ STYLE = {"surrogate": "-", "kl_penalty": "--"}
 COLORS = {"s": "#4c72b0", "dC": "#55a868", "dW": "#c44e52"}
 
 
-def figure(runs: pd.DataFrame, means: pd.DataFrame, path: Path) -> None:
+def figure(runs: pd.DataFrame, means: pd.DataFrame, path: Path, args) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     ax = axes[0, 0]
     for objective, run in runs.groupby("objective", sort=False):
@@ -62,6 +62,8 @@ def figure(runs: pd.DataFrame, means: pd.DataFrame, path: Path) -> None:
     sns.barplot(long, x="which", y="mean |gradient|", hue="stage", ax=ax, palette=["#4c72b0", "#dd8452"])
     ax.set(title="mean |gradient| by stage", xlabel="", yscale="log")
     ax.tick_params(axis="x", rotation=20, labelsize=8)
+    fig.suptitle(f"DS toy model, exact gradients (no sampling, so no intervals): {args.steps} steps, lr {args.lr}, "
+                 f"KL weight beta {args.beta}; solid vs dashed: the objectives", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -115,7 +117,7 @@ def _run(args, argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "toy_runs.csv", index=False)
     means.to_csv(out / "stage_gradients.csv", index=False)
-    figure(runs, means, out / "ds_toy_model.png")
+    figure(runs, means, out / "ds_toy_model.png", args)
     text = summary(runs, means, args)
     (out / "summary.md").write_text(text)
     print(text)

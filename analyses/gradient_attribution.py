@@ -50,9 +50,11 @@ def _run(args, argv=None) -> int:
             frames.append(df.assign(model=label, seed=seed))
             tables.append(summarize(df).assign(model=label, seed=seed))
         seed0 = frames[-len(args.seeds)]
+        size = f"seed {args.seeds[0]}, n={args.questions} questions x 8 rollouts"
         gradient_mass_bars(tables[-len(args.seeds)], out / f"gradient_mass_{label}.png",
-                           title=f"Gradient mass by role ({label}, seed {args.seeds[0]})")
-        head_share_heatmap(head_decision_share(seed0), out / f"head_decision_share_{label}.png")
+                           title=f"{label}: gradient mass by role ({size})")
+        head_share_heatmap(head_decision_share(seed0), out / f"head_decision_share_{label}.png",
+                           f"{label}: decision share |g_d| / (|g_s| + |g_d|) per head ({size})")
     df, table = pd.concat(frames, ignore_index=True), pd.concat(tables, ignore_index=True)
     df.to_csv(out / "attribution.csv", index=False)
     table.to_csv(out / "imbalance.csv", index=False)

@@ -23,7 +23,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds  # noqa: E402
+from _common import (  # noqa: E402
+    KEY_METRICS,
+    cell_points,
+    checkpoint_groups,
+    evaluate_groups,
+    fmt,
+    over_seeds,
+    seeds_title,
+    suptitle,
+)
 
 from tsds_interp import cli  # noqa: E402
 from tsds_interp.metrics import gain_decomposition  # noqa: E402
@@ -43,7 +52,7 @@ def decomposition(metrics: pd.DataFrame, budget: int = 3) -> pd.DataFrame:
     return over_seeds(pd.concat(parts), keys=("level", "cell", "part"))
 
 
-def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path) -> None:
+def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path, questions: int) -> None:
     cells = [c for c in anatomy.cell.unique() if c != "all"] + ["all"]
     fig, axes = plt.subplots(1, len(SHOWN) + 1, figsize=(4 * (len(SHOWN) + 1), 3.8))
     for ax, metric in zip(axes, SHOWN):
@@ -57,8 +66,10 @@ def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path) -> None:
                yerr=np.clip([part["mean"] - part["lo"], part["hi"] - part["mean"]], 0, None), capsize=2)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xticks(range(len(part)), part.index, rotation=45, fontsize=8)
-    ax.set(title="RL - SFT predicted accuracy: parts")
+    ax.set(title="RL - SFT predicted accuracy: parts", ylabel="change (95% interval)")
     ax.legend(fontsize=8)
+    suptitle(fig, seeds_title(anatomy, "Anatomy of reflection per cell, SFT vs RL (last panel: the change in "
+                                       "predicted accuracy split into sampling and decision parts)", questions))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -97,7 +108,7 @@ def _run(args, argv=None) -> int:
     metrics.to_csv(out / "metrics.csv", index=False)
     anatomy.to_csv(out / "anatomy.csv", index=False)
     dec.to_csv(out / "decomposition.csv", index=False)
-    figure(anatomy, dec, out / "reflection_anatomy.png")
+    figure(anatomy, dec, out / "reflection_anatomy.png", args.questions)
     text = summary(anatomy, dec, "python analyses/reflection_anatomy.py " + " ".join(argv or sys.argv[1:]))
     (out / "summary.md").write_text(text)
     print(text)

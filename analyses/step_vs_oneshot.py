@@ -28,6 +28,7 @@ import pandas as pd  # noqa: E402
 
 from tsds_interp import cli  # noqa: E402
 from tsds_interp.model import load  # noqa: E402
+from tsds_interp.plotting import wrapped  # noqa: E402
 from tsds_interp.rollout import progress, rollout  # noqa: E402
 from tsds_interp.stats import wilson  # noqa: E402
 from tsds_interp.task import TaskConfig, sample_questions  # noqa: E402
@@ -76,7 +77,7 @@ def compare(models: list[str], cells: list[tuple[int, int]], n: int) -> pd.DataF
     return pd.DataFrame(rows)
 
 
-def figure(df: pd.DataFrame, path: Path) -> None:
+def figure(df: pd.DataFrame, path: Path, questions: int) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
     models = list(df.model.unique())
     for ax, group in zip(axes, ("all", "hard")):
@@ -92,7 +93,9 @@ def figure(df: pd.DataFrame, path: Path) -> None:
         ax.set(title=f"{group} shared cells", ylim=(0, 1.05))
     axes[0].set_ylabel("rate (95% interval)")
     axes[0].legend(fontsize=8)
-    fig.suptitle("one-shot vs step format (accuracies: final answers; AUC, e+, e-: the decision)")
+    fig.suptitle(wrapped(f"One-shot vs step format on the cells both cover (accuracies: final answers; AUC, e+, "
+                         f"e-: the decision); n = {questions} held-out questions per model and group, one seed each, "
+                         "95% intervals; dotted: chance for the AUC", fig.get_figwidth()), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -132,12 +135,16 @@ def _run(args) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "comparison.csv", index=False)
-    figure(df, out / "comparison.png")
+    figure(df, out / "comparison.png", args.questions)
     text = summary(df)
     (out / "summary.md").write_text(text)
     print(text)
     return 0
 
 
+def main(argv=None) -> int:
+    return cli.main(_parser(), lambda args, _: _run(args), argv, tool="step_vs_oneshot")
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main(_parser(), lambda args, _: _run(args), None, tool="step_vs_oneshot"))
+    sys.exit(main())

@@ -43,6 +43,7 @@ from tsds_interp.components import by_label  # noqa: E402
 from tsds_interp.gradient_split import parameter_groups  # noqa: E402
 from tsds_interp.metrics import ds_metrics  # noqa: E402
 from tsds_interp.model import config_of, load  # noqa: E402
+from tsds_interp.plotting import wrapped  # noqa: E402
 from tsds_interp.rollout import progress  # noqa: E402
 from tsds_interp.task import sample_questions  # noqa: E402
 
@@ -151,14 +152,16 @@ def _run(args, argv=None) -> int:
     heads = change[(change.seed == 0) & (change["head"] >= 0)]
     sns.heatmap(heads.pivot(index="layer", columns="head", values="rel_change"), annot=True, fmt=".3f",
                 ax=axes[0], cmap="viridis", annot_kws={"size": 7})
-    axes[0].set_title("relative weight change SFT -> RL per head (seed 0)")
+    axes[0].set_title(wrapped("relative weight change SFT -> RL per head, |W_RL - W_SFT| / |W_SFT| (seed 0)", 5.5))
     sns.barplot(trans, x="metric", y="value", hue="model", ax=axes[1], errorbar=("ci", 95))
-    axes[1].set(title="RL's circuits transplanted into SFT (bars: mean over seeds)", ylim=(0, 1))
+    k = trans.seed.nunique()
+    spread = f"mean over {k} seeds with 95% bootstrap intervals over seeds" if k > 1 else "one seed, no interval"
+    axes[1].set(title=wrapped(f"RL's circuits transplanted into SFT: bars, {spread}; n = {args.questions} "
+                              "held-out questions per model", 5.5), ylim=(0, 1), ylabel="held-out value")
     axes[1].tick_params(axis="x", rotation=15)
     fig.tight_layout()
     fig.savefig(out / "where_rl_changed.png", dpi=120)
     plt.close(fig)
-    k = trans.seed.nunique()
     values = over_seeds(trans.assign(label=trans.model, cell="all", lo=np.nan, hi=np.nan), "value")
     table = values.assign(v=[fmt(m, lo, hi) for m, lo, hi in values[["mean", "lo", "hi"]].to_numpy()]).pivot(
         index="label", columns="metric", values="v").reindex(columns=list(SHOWN))

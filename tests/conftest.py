@@ -1,3 +1,7 @@
+import os
+
+import matplotlib
+import matplotlib.figure
 import pytest
 import torch
 
@@ -34,3 +38,19 @@ def trained_steps(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("steps_pipeline")
     return pipeline("steps_tiny", out, quiet=True), out
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Title, panel titles and colour-bar labels of every figure saved, by file name."""
+    seen = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def record(fig, path, *args, **kw):
+        texts = [t.get_text() for t in fig.texts]
+        for ax in fig.axes:
+            texts += [ax.get_title(), ax.get_ylabel()]
+        seen[os.path.basename(str(path))] = " ".join(" | ".join(t for t in texts if t).split())  # unwrapped
+        return save(fig, path, *args, **kw)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return seen

@@ -68,6 +68,7 @@ def world(tmp_path_factory):
         assert train.main(["pretrain", "--out", str(root / f"stage_{name}"), *STAGE_ARGS]) == 0
         damage(root / f"stage_{name}" / "checkpoint")
     (root / "afile").write_text("x")
+    (root / "dangling").symlink_to(root / "nowhere")
     (root / "shipped").mkdir()
     ship_library.ship(root / "stage", "taken", "cmd", dest=root / "shipped")
     (root / "shipped_bad_table").mkdir()
@@ -96,6 +97,9 @@ CASES = [
     (train, ["pretrain", "--out", "{root}/new", "--preset", "tiny", "--device", "bogus"], "'bogus' is not a device"),
     (train, ["pretrain", "--out", "{root}/afile", "--preset", "tiny"], "is a file; give a folder"),
     (train, ["pretrain", "--out", "{root}/afile/sub", "--preset", "tiny"], "cannot be created"),
+    (patch, ["--out", "{root}/dangling"], "is a link to"),
+    (probe, ["--out", "{root}/dangling/sub"], "which does not exist; give another folder"),
+    (verify, ["--out", "/proc/tsds_out"], "files cannot be created in /proc"),
     (train, ["pretrain", "--out", "{root}/new", "--preset", "tiny", "--width", "10"], "width must be an"),
     (train, ["pretrain", "--out", "{root}/new", "--preset", "tiny", "--grad-clip", "-1"], "--grad-clip"),
     (train, ["pretrain", "--out", "{root}/new", "--preset", "tiny", "--lr", "0"], "--lr"),

@@ -1,31 +1,12 @@
 """Every figure the command lines write says what it measures, on which model, with how many
 samples, and (where there is one) the contrast's size and interval; colour bars are labelled.
-Figures are rendered on the tiny trained models and read back from matplotlib before saving."""
+Figures are rendered on the tiny trained models and read back from matplotlib before saving (the
+``figures`` fixture of conftest.py)."""
 
 import os
 import re
 
-import matplotlib
-import matplotlib.figure
-import pytest
-
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-
-@pytest.fixture
-def figures(monkeypatch):
-    """Title, panel titles and colour-bar labels of every figure saved, by file name."""
-    seen = {}
-    save = matplotlib.figure.Figure.savefig
-
-    def record(fig, path, *args, **kw):
-        texts = [t.get_text() for t in fig.texts]
-        for ax in fig.axes:
-            texts += [ax.get_title(), ax.get_ylabel()]
-        seen[os.path.basename(str(path))] = " ".join(" | ".join(t for t in texts if t).split())  # unwrapped
-        return save(fig, path, *args, **kw)
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
-    return seen
 
 
 INTERVAL = re.compile(r"-?\d+\.\d+ \[-?\d+\.\d+, -?\d+\.\d+\]")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -130,8 +131,9 @@ def device(name: str, flag: str = "device") -> torch.device:
 
 
 def _nearest_existing(path: Path) -> Path:
+    """``path`` or the nearest folder above it that exists (a link counts, even one to nowhere)."""
     path = path.absolute()
-    while not path.exists() and path != path.parent:
+    while not path.exists() and not path.is_symlink() and path != path.parent:
         path = path.parent
     return path
 
@@ -170,10 +172,18 @@ def writable_dir(path: str | os.PathLike, flag: str = "out") -> Path:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; give a folder")
     base = _nearest_existing(path)
+    if base.is_symlink() and not base.exists():
+        raise ValueError(f"{flag} {path}: {base} is a link to {os.readlink(base)}, which does not exist; "
+                         "give another folder")
     if not base.is_dir():
         raise ValueError(f"{flag} {path}: {base} is a file, so the folder cannot be created; give another folder")
     if not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {base} is not writable; give a folder you can write to")
+    try:  # what the permission bits do not tell (/proc, /sys, a read-only mount): a nameless file, gone at once
+        tempfile.TemporaryFile(dir=base).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: files cannot be created in {base} ({e.strerror}); "
+                         "give a folder you can write to") from None
     return path
 
 

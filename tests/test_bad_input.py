@@ -82,7 +82,7 @@ def world(tmp_path_factory):
 
 
 def _snapshot(root):
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
 BAD_CHECKPOINTS = [("bad_layers_float", "n_layers must be an integer"), ("bad_task_list", "task"),

@@ -108,17 +108,26 @@ def test_trainer_role_grad_norms_logged(tmp_path):
 
 
 def test_bf16_autocast_trains_close_to_float32(trained_tiny, tmp_path):
+    """On the same batch (pretraining and SFT are teacher-forced on seeded data), the first step's
+    gradient norm under bf16 autocast is within 5% of float32's; RL, whose episodes are sampled under
+    autocast and so differ from float32's, trains with finite losses; weights stay float32."""
     from safetensors.torch import load_file
 
     paths, _ = trained_tiny
-    for name, extra in (("fp32", []), ("bf16", ["--autocast", "bf16"])):
-        assert main(["rl", "--preset", "tiny", "--init", str(paths["sft"]), "--steps", "2", "--log-every", "1",
-                     "--quiet", "--out", str(tmp_path / name), *extra]) == 0
-    rows = {n: json.loads((tmp_path / n / "log.jsonl").read_text().splitlines()[0]) for n in ("fp32", "bf16")}
-    assert rows["bf16"]["grad_norm"] != rows["fp32"]["grad_norm"]  # autocast was on
-    assert rows["bf16"]["grad_norm"] == pytest.approx(rows["fp32"]["grad_norm"], rel=0.05)
-    w = [load_file(str(tmp_path / n / "checkpoint" / "model.safetensors")) for n in ("fp32", "bf16")]
-    assert all(v.dtype == torch.float32 for v in w[1].values())
+    for stage, init in (("pretrain", []), ("sft", ["--init", str(paths["base"])])):
+        for name, extra in (("fp32", []), ("bf16", ["--autocast", "bf16"])):
+            assert main([stage, "--preset", "tiny", *init, "--steps", "1", "--log-every", "1", "--quiet",
+                         "--out", str(tmp_path / stage / name), *extra]) == 0
+        rows = {n: json.loads((tmp_path / stage / n / "log.jsonl").read_text().splitlines()[0])
+                for n in ("fp32", "bf16")}
+        assert rows["bf16"]["grad_norm"] != rows["fp32"]["grad_norm"]  # autocast was on
+        assert rows["bf16"]["grad_norm"] == pytest.approx(rows["fp32"]["grad_norm"], rel=0.05), stage
+    assert main(["rl", "--preset", "tiny", "--init", str(paths["sft"]), "--steps", "2", "--log-every", "1",
+                 "--quiet", "--out", str(tmp_path / "rl"), "--autocast", "bf16"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "rl" / "log.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    w = load_file(str(tmp_path / "rl" / "checkpoint" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in w.values())
 
 
 def test_paper_preset_is_valid():

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -31,6 +32,15 @@ def test_ship_errors(tmp_path, capsys):
         ship(tmp_path, "x", "cmd", dest=tmp_path)
     assert main([str(tmp_path / "nope"), "x", "--command", "c"]) == 2
     assert "train the stage first" in capsys.readouterr().err
+
+
+def test_ship_into_a_place_without_files_is_refused_before_the_evaluation(trained_tiny, monkeypatch):
+    import tsds_interp.ship as ship_module
+
+    _, out = trained_tiny
+    monkeypatch.setattr(ship_module, "heldout_metrics", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    with pytest.raises(ValueError, match="ship destination /proc/tsds_shipped: files cannot be created in /proc"):
+        ship(out / "rl", "rl_tiny", "cmd", dest=Path("/proc/tsds_shipped"))
 
 
 def test_every_shipped_name_loads():

@@ -38,6 +38,7 @@ def ship(stage_dir: str | Path, name: str, command: str, dest: Path | None = Non
         raise ValueError(f"checkpoint name {name!r} must be a plain identifier (letters, digits, _)")
     if not command.strip():
         raise ValueError("--command is empty; give the command that trained the stage")
+    checks.writable_dir(dest, "ship destination")  # before the evaluation, not after it
     if (dest / name).exists() and not force:
         raise ValueError(f"a checkpoint named {name!r} is already shipped in {dest}; pass --force to replace it")
     if not (ckpt / "model.safetensors").is_file():

@@ -201,7 +201,8 @@ def _run(args, argv=None) -> int:
         all_edges.append(pd.read_csv(f"{stem}_edges.csv").assign(**tag))
         for function, part in all_edges[-1].groupby("function"):  # drawn on every run: a rerun's results
             draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
-                       f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution)")
+                       f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution, "
+                       f"n = {args.pairs} pairs)")
         infos.append({**tag, **info})
         print(f"{label} seed {seed}: {info}", flush=True)
     scores, circuits, effects = (pd.concat(all_scores), pd.DataFrame(infos), pd.concat(all_effects))

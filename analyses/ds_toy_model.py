@@ -60,7 +60,7 @@ def figure(runs: pd.DataFrame, means: pd.DataFrame, path: Path, args) -> None:
                       value_name="mean |gradient|")
     long["which"] = long.objective + ": " + long.gradient
     sns.barplot(long, x="which", y="mean |gradient|", hue="stage", ax=ax, palette=["#4c72b0", "#dd8452"])
-    ax.set(title="mean |gradient| by stage", xlabel="", yscale="log")
+    ax.set(title="mean |gradient| by stage (linear scale: bar lengths compare)", xlabel="")
     ax.tick_params(axis="x", rotation=20, labelsize=8)
     fig.suptitle(f"DS toy model, exact gradients (no sampling, so no intervals): {args.steps} steps, lr {args.lr}, "
                  f"KL weight beta {args.beta}; solid vs dashed: the objectives", fontsize=10)

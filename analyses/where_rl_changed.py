@@ -148,17 +148,21 @@ def _run(args, argv=None) -> int:
     change, trans, corr = pd.concat(changes), pd.concat(transplants), pd.DataFrame(corr)
     change.to_csv(out / "weight_change.csv", index=False)
     trans.to_csv(out / "transplant.csv", index=False)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.6), gridspec_kw={"width_ratios": [1, 1.4]})
     heads = change[(change.seed == 0) & (change["head"] >= 0)]
     sns.heatmap(heads.pivot(index="layer", columns="head", values="rel_change"), annot=True, fmt=".3f",
-                ax=axes[0], cmap="viridis", annot_kws={"size": 7})
-    axes[0].set_title(wrapped("relative weight change SFT -> RL per head, |W_RL - W_SFT| / |W_SFT| (seed 0)", 5.5))
+                ax=axes[0], cmap="viridis", vmin=0, annot_kws={"size": 7},
+                cbar_kws={"label": "relative change (0 = unchanged)"})
+    axes[0].set_title(wrapped("relative weight change SFT -> RL per head, |W_RL - W_SFT| / |W_SFT| (seed 0)", 3.6),
+                      fontsize=10)
     sns.barplot(trans, x="metric", y="value", hue="model", ax=axes[1], errorbar=("ci", 95))
     k = trans.seed.nunique()
     spread = f"mean over {k} seeds with 95% bootstrap intervals over seeds" if k > 1 else "one seed, no interval"
-    axes[1].set(title=wrapped(f"RL's circuits transplanted into SFT: bars, {spread}; n = {args.questions} "
-                              "held-out questions per model", 5.5), ylim=(0, 1), ylabel="held-out value")
+    axes[1].set_title(wrapped(f"RL's circuits transplanted into SFT: bars, {spread}; n = {args.questions} "
+                              "held-out questions per model", 6.5), fontsize=10)
+    axes[1].set(ylim=(0, 1), ylabel="held-out value")
     axes[1].tick_params(axis="x", rotation=15)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
     fig.savefig(out / "where_rl_changed.png", dpi=120)
     plt.close(fig)

@@ -74,7 +74,7 @@ def gradient_mass_bars(summary: pd.DataFrame, path: str | Path, title: str = "Gr
     for i, v in enumerate(summary["imbalance_index"]):
         ax.annotate(f"I={v:.2f}", (i, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), summary["objective"], rotation=20)
-    ax.set(ylim=(0, 1), ylabel="share")
+    ax.set(ylim=(0, 1), ylabel="share", xlabel="I: imbalance index = decision share of mass / decision share of tokens")
     ax.axhline(0.5, color="grey", lw=0.6, ls=":")
     ax.legend(fontsize=7, loc="upper left", frameon=False)
     ax.set_title(wrapped(title, fig.get_figwidth(), 12), pad=18)

@@ -8,12 +8,22 @@ import torch
 from tsds_interp.model import ModelConfig, build_model
 from tsds_interp.task import TaskConfig
 
-TINY_TASK = TaskConfig(width=2, budget=2, train_cells=((1, 1), (1, 2), (2, 1)), ood_cells=((2, 2),))
+
+def tiny_task() -> TaskConfig:
+    return TaskConfig(width=2, budget=2, train_cells=((1, 1), (1, 2), (2, 1)), ood_cells=((2, 2),))
+
+
+def __getattr__(name: str):
+    """``TINY_TASK``, made when a test module asks for it, not while this file loads (a fault in
+    ``TaskConfig`` then fails the tests that use it, not the loading of every test)."""
+    if name == "TINY_TASK":
+        return tiny_task()
+    raise AttributeError(name)
 
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    return ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0, task=TINY_TASK)
+    return ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, seed=0, task=tiny_task())
 
 
 @pytest.fixture(scope="session")

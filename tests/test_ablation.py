@@ -101,3 +101,42 @@ def test_zero_ablation_zeroes_exactly_the_named_slice(random_model):
     mean = act.mean(0, keepdim=True)
     out = ablation_hook(Component("mlp", 0), mean)(act, None)
     assert torch.equal(out, mean.expand_as(act))
+
+
+def test_a_sweep_row_is_the_metric_under_that_components_ablation_against_the_unablated_run():
+    """On the shipped RL model (well-formed episodes): one row per component and scored metric, in
+    component order, MLPs with head -1; a row's baseline is the unablated rollout's metric on the
+    sweep's questions, its ablated value the metric with that component mean-ablated (mean over the
+    reference rollouts' rows), delta / lo / hi their difference with its interval, and the label the
+    rule's label of the table."""
+    from tsds_interp.ablation import SCORED, label_components
+    from tsds_interp.metrics import ds_metrics
+    from tsds_interp.model import load
+    from tsds_interp.stats import proportion_difference
+
+    model = load("rl")
+    df = ablation_sweep(model, 24, "mean", seed=3, temperature=0.7, threshold=0.1, quiet=True, max_batch=7)
+    comps = components(model)
+    assert list(df.component.unique()) == [c.label for c in comps] and len(df) == len(comps) * len(SCORED)
+    assert list(df.metric[: len(SCORED)]) == list(SCORED) and (df["mode"] == "mean").all()
+    for c in comps:
+        rows = df[df.component == c.label]
+        assert (rows.layer == c.layer).all() and (rows["head"] == (-1 if c.head is None else c.head)).all()
+    assert df[["component", "label"]].drop_duplicates().reset_index(drop=True).equals(label_components(df, 0.1))
+
+    task, kw = model.tsds_config.task, dict(temperature=0.7, seed=3)
+    q = sample_questions(task, "test", 24, seed=8)
+    base = ds_metrics(rollout(model, q, **kw)).query("cell == 'all'").set_index("metric")
+    reference = rollout(model, sample_questions(task, "train", 128, seed=9), **kw).tokens
+    c = comps[len(comps) // 2 + 1]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(reference, names_filter=c.hook_name)
+    mean = c.read(cache[c.hook_name]).mean(0, keepdim=True)
+    ablated = ds_metrics(rollout_with_hooks(model, q, [(c.hook_name, ablation_hook(c, mean))], **kw))
+    ablated = ablated.query("cell == 'all'").set_index("metric")
+    row = df[df.component == c.label].set_index("metric")
+    for metric in SCORED:
+        a, b = base.loc[metric], ablated.loc[metric]
+        assert row.loc[metric, "baseline"] == a.value and row.loc[metric, "ablated"] == b.value, metric
+        assert tuple(row.loc[metric, ["delta", "lo", "hi"]]) == proportion_difference(a.value, a.n, b.value, b.n)
+    assert (df.delta != 0).any()  # the ablations change something on this model

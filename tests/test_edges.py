@@ -113,3 +113,46 @@ def test_edge_rules_and_refusals(tmp_path):
     assert len(top) == 5
     draw_graph(top, model, tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_the_graph_draws_each_edge_once_where_its_nodes_are_with_sign_colour_and_width(random_model, tmp_path,
+                                                                                     monkeypatch):
+    """An arrow per edge from its source's place to its target's (heads by index along a layer's row,
+    MLPs to the right half a layer up, embed below and logits above), red when it raises the metric
+    and blue when it lowers it, width 0.5 + 4 |score| / max |score|; nodes on an edge black and
+    labelled large, the others grey; a legend that gives the largest score."""
+    import matplotlib.colors as mcolors
+    import matplotlib.figure
+    import pandas as pd
+    from matplotlib.patches import FancyArrowPatch
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    edges = pd.DataFrame({"source": ["embed", "L0.mlp", "L1H3"], "target": ["L0H1", "L1H2", "logits"],
+                          "score": [0.5, -2.0, 0.25]})
+    draw_graph(edges, random_model, tmp_path / "g.png", title="three edges")
+    (fig,) = saved
+    (ax,) = fig.axes
+    H = random_model.cfg.n_heads
+    place = {"embed": (H / 2, -1), "L0.mlp": (H + 0.6, 0.5), "L1H3": (3, 1), "L0H1": (1, 0), "L1H2": (2, 1),
+             "logits": (H / 2, 2)}
+    arrows = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
+    assert len(arrows) == 3
+    for arrow, edge in zip(arrows, edges.itertuples()):
+        assert [tuple(map(float, p)) for p in arrow._posA_posB] == [place[edge.source], place[edge.target]]
+        colour = "tab:red" if edge.score > 0 else "tab:blue"
+        assert arrow.get_edgecolor() == pytest.approx(mcolors.to_rgba(colour, 0.75))
+        assert arrow.get_linewidth() == pytest.approx(0.5 + 4 * abs(edge.score) / 2.0)
+    labels = {t.get_text(): t for t in ax.texts}
+    assert set(labels) == {n.label for n in nodes(random_model)[0] + nodes(random_model)[1]}
+    for name, text in labels.items():
+        on = name in place
+        assert mcolors.same_color(text.get_color(), "black" if on else "grey"), name
+        assert text.get_fontsize() == (8 if on else 6)
+        assert tuple(map(float, text.xy)) == (place[name] if on else text.xy)
+    sizes = sorted(float(c.get_sizes()[0]) for c in ax.collections)
+    assert sizes.count(200.0) == len(place) and set(sizes) == {40.0, 200.0}
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["embed", "0", "1", "logits"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["raises the metric", "lowers it",
+                                                                   "width ~ |score| (max 2)"]
+    assert ax.get_title() == "three edges"

@@ -184,3 +184,49 @@ def test_gain_decomposition_rows_and_defaults():
     assert not df.equals(gain_decomposition(before, after, budget=3, seed=1))
     single = frame("2x2", 0.6, 0.9, 0.5).assign(n=[300, 1, 300])
     assert len(gain_decomposition(frame("2x2", 0.4, 0.8, 0.3), single, budget=3)) == 3  # n = 1 is still data
+
+
+def test_step_metrics_on_hand_made_step_episodes():
+    """Two step-format episodes, counted by hand. Episode 0 (3 x 12, cell 1x2): call 1 writes a wrong
+    step (rejected) then a right one (accepted, taken); call 2 a right step (accepted); the product
+    is reached. Episode 1 (25 x 4, cell 2x1): call 1 writes a wrong step and accepts it; wrong end."""
+    from tsds_interp.metrics import step_ds_metrics
+    from tsds_interp.rollout import StepRollouts
+
+    zeros = torch.zeros(4, 5, dtype=torch.long)
+    r = StepRollouts(a=torch.tensor([3, 25]), b=torch.tensor([12, 4]), final_value=torch.tensor([36, 7]),
+                     final_correct=torch.tensor([True, False]), n_calls=torch.tensor([2, 1]),
+                     malformed=torch.tensor([False, False]), episode=torch.tensor([0, 0, 0, 1]),
+                     call=torch.tensor([0, 0, 1, 0]), attempt=torch.tensor([0, 1, 0, 0]), tokens=zeros, roles=zeros,
+                     logprobs=zeros.float(), step_correct=torch.tensor([False, True, True, False]),
+                     decisions=torch.tensor([REJECTED, ACCEPTED, ACCEPTED, ACCEPTED]),
+                     taken=torch.tensor([False, True, True, True]), budget=2)
+    df = step_ds_metrics(r, n_boot=200).set_index(["cell", "metric"])
+    expected = {  # (cell, metric): (value, n)
+        ("all", "p_s_first"): (1 / 3, 3),            # calls whose first step is right: e0 call 2
+        ("all", "p_s"): (2 / 4, 4),                  # right steps among all written
+        ("all", "p_d_given_c"): (1.0, 2),            # both right steps accepted
+        ("all", "p_d_given_w"): (1 / 2, 2),          # of two wrong steps, one rejected
+        ("all", "realized_accuracy"): (2 / 3, 3),    # taken steps that are right
+        ("all", "pass@2"): (2 / 3, 3),
+        ("all", "mean_attempts"): (4 / 3, 3),
+        ("all", "p_s_first@call1"): (0.0, 2), ("all", "p_s_first@call2"): (1.0, 1),
+        ("all", "p_d_given_w@call1"): (1 / 2, 2), ("all", "p_d_given_c@call2"): (1.0, 1),
+        ("all", "episode_accuracy"): (1 / 2, 2), ("all", "episode_malformed"): (0.0, 2),
+        ("all", "mean_calls"): (1.5, 2),
+        ("1x2", "p_s_first"): (1 / 2, 2), ("1x2", "p_d_given_w"): (1.0, 1), ("1x2", "realized_accuracy"): (1.0, 2),
+        ("1x2", "episode_accuracy"): (1.0, 1), ("1x2", "mean_calls"): (2.0, 1),
+        ("2x1", "p_s_first"): (0.0, 1), ("2x1", "p_d_given_w"): (0.0, 1), ("2x1", "realized_accuracy"): (0.0, 1),
+        ("2x1", "episode_accuracy"): (0.0, 1), ("2x1", "mean_calls"): (1.0, 1),
+    }
+    for key, (value, n) in expected.items():
+        assert df.loc[key, "value"] == pytest.approx(value) and df.loc[key, "n"] == n, key
+    for key in (("all", "p_d_given_w@call2"), ("2x1", "p_d_given_c"), ("2x1", "p_s_first@call2")):
+        assert np.isnan(df.loc[key, "value"]) and df.loc[key, "n"] == 0, key  # nothing to count
+    assert tuple(df.loc[("all", "p_d_given_w@call1"), ["lo", "hi"]]) == pytest.approx(wilson(1, 2))
+    assert tuple(df.loc[("all", "episode_accuracy"), ["lo", "hi"]]) == pytest.approx(wilson(1, 2))
+    sem = np.std([2, 1], ddof=1) / np.sqrt(2)
+    assert tuple(df.loc[("all", "mean_calls"), ["lo", "hi"]]) == pytest.approx((1.5 - 1.96 * sem, 1.5 + 1.96 * sem),
+                                                                               abs=1e-3)
+    assert np.isnan(df.loc[("1x2", "mean_calls"), "lo"])  # one episode: no interval
+    assert list(df.index.get_level_values(0).unique()) == ["1x2", "2x1", "all"]

@@ -130,3 +130,29 @@ def test_bad_split():
 
 def test_pad_and_eos_ids_distinct():
     assert len({EOS, PAD, ACCEPT, REJECT}) == 4
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(width=10), "width must be an integer in [1, 9], got 10"),
+    (dict(width=2.5), "width must be an integer in [1, 9], got 2.5"),
+    (dict(budget=65), "budget must be an integer in [1, 64], got 65"),
+    (dict(test_fraction=0), "test_fraction must be a finite number in (0, 0.99], got 0"),
+    (dict(test_fraction=0.995), "test_fraction must be a finite number in (0, 0.99], got 0.995"),
+    (dict(task_format="x"), "task_format must be 'oneshot' or 'steps', got 'x'"),
+    (dict(answer_order="up"), "answer_order must be 'reversed' or 'forward', got 'up'"),
+    (dict(width=2, train_cells=((1, 3),)), "cell (1, 3): each operand has 1 to width=2 digits"),
+    (dict(width=2, train_cells=((0, 1),)), "cell (0, 1): each operand has 1 to width=2 digits"),
+    (dict(width=2, train_cells=((1, 1),), ood_cells=((3, 1),)), "cell (3, 1): each operand has 1 to width=2 digits"),
+    (dict(train_cells=()), "train_cells is empty: give at least one (digits_a, digits_b) cell"),
+])
+def test_task_config_bounds_and_their_messages(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        TaskConfig(**kwargs)
+    assert str(e.value) == message
+
+
+def test_task_config_accepts_its_bounds():
+    for ok in (dict(width=9), dict(width=1, train_cells=((1, 1),), ood_cells=()), dict(budget=64), dict(budget=1),
+               dict(test_fraction=0.99), dict(width=2, train_cells=((2, 2),), ood_cells=((1, 2),))):
+        task = TaskConfig(**ok)
+        assert all(getattr(task, k) == (tuple(v) if isinstance(v, tuple) else v) for k, v in ok.items())

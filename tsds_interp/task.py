@@ -79,7 +79,7 @@ class TaskConfig:
             raise ValueError(f"answer_order must be 'reversed' or 'forward', got {self.answer_order!r}")
         for da, db in (*self.train_cells, *self.ood_cells):
             if not (1 <= da <= self.width and 1 <= db <= self.width):
-                raise ValueError(f"cell ({da}, {db}) needs operands of at most width={self.width} digits")
+                raise ValueError(f"cell ({da}, {db}): each operand has 1 to width={self.width} digits")
         if not self.train_cells:
             raise ValueError("train_cells is empty: give at least one (digits_a, digits_b) cell")
 

@@ -39,8 +39,14 @@ def training_record(path: Path) -> dict:
     log = stage / "log.jsonl"
     if not log.is_file():
         return {"steps": "—", "wall_s": "—"}
-    rows = [json.loads(r) for r in log.read_text().splitlines() if r.strip()]
-    return {"steps": rows[-1]["step"], "wall_s": round(rows[-1].get("elapsed_s", np.nan))}
+    rows = [r for r in log.read_text().splitlines() if r.strip()]
+    if not rows:  # a stage that has not logged yet
+        return {"steps": "—", "wall_s": "—"}
+    try:
+        last = json.loads(rows[-1])
+    except json.JSONDecodeError:
+        raise ValueError(f"{log}: the last row is torn; `python -m tsds_interp.train ... --resume` drops it") from None
+    return {"steps": last.get("step", "—"), "wall_s": round(last.get("elapsed_s", np.nan))}
 
 
 def evaluate(label: str, where: str, n_questions: int, seed: int = 0) -> list[dict]:

@@ -66,3 +66,22 @@ def test_the_step_format_analysis_set_runs_end_to_end(trained_steps, tmp_path, f
     assert {"surrogate", "sft_token_mean", "sft_role_balanced", "kl"} <= set(table.objective)
     for name in ("gradient_mass_rl.png", "head_decision_share_rl.png"):
         assert "n=4 questions x 8 rollouts" in figures[name], figures[name]
+
+
+def test_a_stage_with_an_empty_or_torn_log_is_reported_not_a_traceback(tmp_path):
+    import pytest
+
+    sys.path.insert(0, str(ANALYSES))
+    try:
+        recipe_study = importlib.import_module("recipe_study")
+    finally:
+        sys.path.remove(str(ANALYSES))
+    stage = tmp_path / "stage"
+    (stage / "checkpoint").mkdir(parents=True)
+    (stage / "log.jsonl").write_text("")
+    assert recipe_study.training_record(stage / "checkpoint") == {"steps": "—", "wall_s": "—"}
+    (stage / "log.jsonl").write_text('{"step": 3, "elapsed_s": 2.4}\n{"step": 4, "el')
+    with pytest.raises(ValueError, match="the last row is torn"):
+        recipe_study.training_record(stage / "checkpoint")
+    (stage / "log.jsonl").write_text('{"step": 3, "elapsed_s": 2.4}\n')
+    assert recipe_study.training_record(stage / "checkpoint") == {"steps": 3, "wall_s": 2}

@@ -312,3 +312,24 @@ def test_step_probe_rows_are_same_state_truth_and_own_wrong_steps(trained_steps)
     for qi in rows.question.unique():
         sel = rows.question == qi
         assert rows.correct[sel].sum() == 1 and (rows.tokens[sel, :P] == rows.tokens[sel][0, :P]).all()
+
+
+def test_corruptions_change_one_digit_in_each_field_at_its_documented_rate_and_places():
+    """u and y' are hit 10% of the time each, p and r' 40% each; a hit lands on one of a field's
+    digit places (for p and r': the value's digits and one above, within the field) and is another digit."""
+    W = STEPS.width
+    s = _states([12], [34], [0])
+    truth = true_step_tokens(s, STEPS)
+    n = 4000
+    corrupted = corrupt_step_tokens(truth.repeat(n, 1), STEPS, np.random.default_rng(1))
+    rows, pos = (corrupted != truth).nonzero(as_tuple=True)
+    assert torch.equal(rows, torch.arange(n)) and ((corrupted >= 0) & (corrupted <= 9)).all()
+    fields = step_fields(truth, STEPS)
+    places = {"u": [0], "y": list(range(1, 1 + W))}
+    for name, start in (("p", 1 + W), ("r", 1 + 3 * W)):
+        places[name] = list(range(start, start + min(2 * W, len(str(int(fields[name][0]))) + 1)))
+    for name, rate in (("u", 0.1), ("y", 0.1), ("p", 0.4), ("r", 0.4)):
+        hit = torch.isin(pos, torch.tensor(places[name]))
+        assert abs(hit.float().mean().item() - rate) < 0.03, name
+        assert set(pos[hit].tolist()) == set(places[name]), name  # every place is reached
+    assert torch.isin(pos, torch.tensor(sum(places.values(), []))).all()  # and no other

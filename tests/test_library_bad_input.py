@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tsds_interp import edges, hf, metrics, patching, probe, traces
+from tsds_interp import ablation, edges, hf, metrics, patching, probe, traces
 from tsds_interp.model import ModelConfig, build_model
 from tsds_interp.rollout import rollout
 from tsds_interp.task import Questions, TaskConfig, sample_questions
@@ -103,6 +103,22 @@ CASES = [
     # probe
     ("probe on a model without a task", "gpt2", lambda m: probe.probe_study(m), "tsds_interp.traces"),
     ("probe with no samples", "native", lambda m: probe.probe_study(m, samples=0), "samples"),
+    # ablation (every argument checked before a rollout)
+    ("ablation of no questions", "native", lambda m: ablation.ablation_sweep(m, 0),
+     "questions must be an integer in [1, 1000000], got 0"),
+    ("ablation of 1.5 questions", "native", lambda m: ablation.ablation_sweep(m, 1.5), "questions must be an integer"),
+    ("ablation of too many questions", "native", lambda m: ablation.ablation_sweep(m, 10**6 + 1), "got 1000001"),
+    ("an unknown ablation mode", "native", lambda m: ablation.ablation_sweep(m, 4, "half"),
+     "mode must be one of zero, mean, resample, got 'half'"),
+    ("a negative ablation temperature", "native", lambda m: ablation.ablation_sweep(m, 4, temperature=-1),
+     "temperature must be a finite number in [0, 100], got -1"),
+    ("a threshold above 1", "native", lambda m: ablation.ablation_sweep(m, 4, threshold=1.5),
+     "threshold must be a finite number in [0, 1], got 1.5"),
+    ("a batch of no episodes", "native", lambda m: ablation.ablation_sweep(m, 4, max_batch=0),
+     "max_batch must be an integer in [1, 1048576], got 0"),
+    ("a fractional batch", "native", lambda m: ablation.ablation_sweep(m, 4, max_batch=2.5),
+     "max_batch must be an integer"),
+    ("a seed that is not one", "native", lambda m: ablation.ablation_sweep(m, 4, seed=-1), "seed"),
     # metrics
     ("DS metrics of a table", None, lambda m: metrics.ds_metrics(np.zeros(3)), "Rollouts"),
     ("a probability above 1", None, lambda m: metrics.predicted_accuracy(1.2, 0.5, 0.5, 3), "p_s"),

@@ -230,3 +230,21 @@ def test_step_metrics_on_hand_made_step_episodes():
                                                                                abs=1e-3)
     assert np.isnan(df.loc[("1x2", "mean_calls"), "lo"])  # one episode: no interval
     assert list(df.index.get_level_values(0).unique()) == ["1x2", "2x1", "all"]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(p_s=1.5), "p_s must be a finite number in [0, 1], got 1.5"),
+    (dict(p_dc=-0.1), "p_dc must be a finite number in [0, 1], got -0.1"),
+    (dict(p_dw=float("nan")), "p_dw must be a finite number in [0, 1], got nan"),
+    (dict(budget=0), "budget must be an integer in [1, 1000000], got 0"),
+    (dict(budget=2.5), "budget must be an integer in [1, 1000000], got 2.5"),
+    (dict(budget=10**6 + 1), "budget must be an integer in [1, 1000000], got 1000001"),
+    (dict(n=0), "n must be an integer in [1, 1000000000], got 0"),
+    (dict(n=1.5), "n must be an integer in [1, 1000000000], got 1.5"),
+])
+def test_simulate_ds_names_the_bad_argument_and_its_range(kwargs, message):
+    args = dict(p_s=0.5, p_dc=0.5, p_dw=0.5, budget=2, n=10) | kwargs
+    with pytest.raises(ValueError) as e:
+        simulate_ds(**args)
+    assert str(e.value) == message
+    assert simulate_ds(1, 1, 0, 1, 3).all() and not simulate_ds(0, 1, 0, 2, 3).any()  # the bounds are allowed

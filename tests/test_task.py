@@ -156,3 +156,25 @@ def test_task_config_accepts_its_bounds():
                dict(test_fraction=0.99), dict(width=2, train_cells=((2, 2),), ood_cells=((1, 2),))):
         task = TaskConfig(**ok)
         assert all(getattr(task, k) == (tuple(v) if isinstance(v, tuple) else v) for k, v in ok.items())
+
+
+def test_the_held_out_split_is_a_fixed_hash_of_the_question_and_operands_have_their_cells_digits():
+    """A question is held out when blake2b("a*b") (4 bytes, little-endian, over 2**32) lies below
+    test_fraction: the same questions in every version and on every machine. Operands of a d-digit
+    side lie in [10**(d-1), 10**d), 1-digit ones in [1, 9]."""
+    import hashlib
+
+    task = TaskConfig(width=3, train_cells=((1, 3), (3, 2)), ood_cells=(), test_fraction=0.2)
+
+    def held_out(a, b):
+        key = hashlib.blake2b(f"{int(a)}*{int(b)}".encode(), digest_size=4).digest()
+        return int.from_bytes(key, "little") / 2**32 < 0.2
+    for split, seed in (("train", 0), ("test", 1)):
+        q = sample_questions(task, split, 400, seed=seed)
+        assert all(held_out(a, b) == (split == "test") for a, b in zip(q.a, q.b)), split
+        for (da, db), a, b in zip(q.cells, q.a.tolist(), q.b.tolist()):
+            assert (1 if da == 1 else 10 ** (da - 1)) <= a < 10**da and (1 if db == 1 else 10 ** (db - 1)) <= b < 10**db
+        assert {c for c in q.cells} == {(1, 3), (3, 2)}
+    with pytest.raises(ValueError, match="asked for 0 questions; ask for at least 1"):
+        sample_questions(task, "train", 0, seed=0)
+    assert len(sample_questions(task, "train", 1, seed=0)) == 1

@@ -78,16 +78,13 @@ def fmt(mean: float, lo: float, hi: float) -> str:
     return "—" if np.isnan(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def seeds_title(agg: pd.DataFrame, what: str, questions: int) -> str:
-    """A figure title naming ``what`` is shown, the models and seeds behind each point and n."""
+def title_over_seeds(fig, agg: pd.DataFrame, what: str, questions: int) -> None:
+    """A title over ``fig``, wrapped to its width, naming ``what`` is shown, the models, the seeds
+    behind each point with their interval, and n."""
     k = int(agg.seeds.min())
     spread = (f"mean over {k} seeds with 95% intervals (t over seeds, kept in the metric's bounds)" if k > 1 else
               "one seed, 95% intervals over questions")
-    return f"{what}: {', '.join(agg.label.unique())}; {spread}; n = {questions} held-out questions per model"
-
-
-def suptitle(fig, title: str) -> None:
-    """``title`` over the whole figure, wrapped to its width."""
+    title = f"{what}: {', '.join(agg.label.unique())}; {spread}; n = {questions} held-out questions per model"
     fig.suptitle(wrapped(title, fig.get_figwidth()), fontsize=9)
 
 

@@ -21,16 +21,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (  # noqa: E402
-    KEY_METRICS,
-    cell_points,
-    checkpoint_groups,
-    evaluate_groups,
-    fmt,
-    over_seeds,
-    seeds_title,
-    suptitle,
-)
+from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds, title_over_seeds  # noqa: E402
 
 from tsds_interp import cli  # noqa: E402
 
@@ -51,7 +42,7 @@ def figure(agg: pd.DataFrame, path: Path, questions: int) -> None:
     fig, axes = plt.subplots(1, len(SHOWN), figsize=(4 * len(SHOWN), 3.8))
     for ax, metric in zip(axes, SHOWN):
         cell_points(ax, agg, metric, LABELS, cells)
-    suptitle(fig, seeds_title(agg, "Held-out DS metrics per cell, SFT vs role-balanced SFT", questions))
+    title_over_seeds(fig, agg, "Held-out DS metrics per cell, SFT vs role-balanced SFT", questions)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

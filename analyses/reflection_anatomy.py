@@ -23,16 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import (  # noqa: E402
-    KEY_METRICS,
-    cell_points,
-    checkpoint_groups,
-    evaluate_groups,
-    fmt,
-    over_seeds,
-    seeds_title,
-    suptitle,
-)
+from _common import KEY_METRICS, cell_points, checkpoint_groups, evaluate_groups, fmt, over_seeds, title_over_seeds  # noqa: E402
 
 from tsds_interp import cli  # noqa: E402
 from tsds_interp.metrics import gain_decomposition  # noqa: E402
@@ -68,8 +59,8 @@ def figure(anatomy: pd.DataFrame, dec: pd.DataFrame, path: Path, questions: int)
     ax.set_xticks(range(len(part)), part.index, rotation=45, fontsize=8)
     ax.set(title="RL - SFT predicted accuracy: parts", ylabel="change (95% interval)")
     ax.legend(fontsize=8)
-    suptitle(fig, seeds_title(anatomy, "Anatomy of reflection per cell, SFT vs RL (last panel: the change in "
-                                       "predicted accuracy split into sampling and decision parts)", questions))
+    title_over_seeds(fig, anatomy, "Anatomy of reflection per cell, SFT vs RL (last panel: the change in "
+                     "predicted accuracy split into sampling and decision parts)", questions)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

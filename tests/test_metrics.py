@@ -248,3 +248,22 @@ def test_simulate_ds_names_the_bad_argument_and_its_range(kwargs, message):
         simulate_ds(**args)
     assert str(e.value) == message
     assert simulate_ds(1, 1, 0, 1, 3).all() and not simulate_ds(0, 1, 0, 2, 3).any()  # the bounds are allowed
+
+
+def test_step_metrics_count_a_malformed_step_as_a_malformed_call():
+    """Episode 0 takes one right step (accepted); episode 1's first step is malformed (its decision
+    never reached): half the calls and half the episodes are malformed."""
+    from tsds_interp.metrics import step_ds_metrics
+    from tsds_interp.rollout import StepRollouts
+
+    zeros = torch.zeros(2, 5, dtype=torch.long)
+    r = StepRollouts(a=torch.tensor([3, 4]), b=torch.tensor([2, 2]), final_value=torch.tensor([6, -1]),
+                     final_correct=torch.tensor([True, False]), n_calls=torch.tensor([1, 1]),
+                     malformed=torch.tensor([False, True]), episode=torch.tensor([0, 1]), call=torch.tensor([0, 0]),
+                     attempt=torch.tensor([0, 0]), tokens=zeros, roles=zeros, logprobs=zeros.float(),
+                     step_correct=torch.tensor([True, False]), decisions=torch.tensor([ACCEPTED, NOT_REACHED]),
+                     taken=torch.tensor([True, True]), budget=2)
+    df = step_ds_metrics(r, n_boot=50).set_index(["cell", "metric"])
+    for metric, value in (("malformed", 0.5), ("episode_malformed", 0.5), ("p_s_first", 0.5),
+                          ("realized_accuracy", 0.5), ("episode_accuracy", 0.5)):
+        assert df.loc[("all", metric), "value"] == pytest.approx(value) and df.loc[("all", metric), "n"] == 2, metric

@@ -28,11 +28,15 @@ def checkpoint_groups(labels: list[str], seed_runs: list[str] | None) -> dict[st
     return groups
 
 
+def each_model(groups: dict[str, list[str]]) -> list[tuple[str, int, str]]:
+    """(label, seed, checkpoint) of every model of ``checkpoint_groups``, the seed being its index."""
+    return [(label, seed, ckpt) for label, ckpts in groups.items() for seed, ckpt in enumerate(ckpts)]
+
+
 def evaluate_groups(groups: dict[str, list[str]], n_questions: int, n_ood: int = 256) -> pd.DataFrame:
     """Held-out DS metrics of every checkpoint: tidy, with ``label`` and ``seed`` (its index)."""
     frames = []
-    models = [(label, seed, ckpt) for label, ckpts in groups.items() for seed, ckpt in enumerate(ckpts)]
-    for label, seed, ckpt in progress(models, "evaluating", "model"):
+    for label, seed, ckpt in progress(each_model(groups), "evaluating", "model"):
         df = heldout_metrics(load(ckpt), n_questions=n_questions, n_ood=n_ood)
         frames.append(df.assign(label=label, seed=seed, checkpoint=ckpt))
     return pd.concat(frames, ignore_index=True)

@@ -33,7 +33,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-from _common import checkpoint_groups, fmt, over_seeds  # noqa: E402
+from _common import checkpoint_groups, each_model, fmt, over_seeds  # noqa: E402
 
 from tsds_interp import cli
 from tsds_interp.circuits import (  # noqa: E402
@@ -183,9 +183,7 @@ def _run(args, argv=None) -> int:
     all_scores, infos, all_effects, all_edges = [], [], [], []
     parts = out / "parts"
     parts.mkdir(exist_ok=True)
-    groups = checkpoint_groups(args.labels, args.seed_runs)
-    for label, seed, ckpt in progress([(label, seed, ckpt) for label, ckpts in groups.items()
-                                       for seed, ckpt in enumerate(ckpts)], "circuits", "model"):
+    for label, seed, ckpt in progress(each_model(checkpoint_groups(args.labels, args.seed_runs)), "circuits", "model"):
         tag = dict(label=label, seed=seed, checkpoint=ckpt)
         stem = parts / f"{label}_s{seed}"
         if not (done := Path(f"{stem}.json")).is_file():  # each model's results are kept: a rerun resumes
@@ -199,8 +197,9 @@ def _run(args, argv=None) -> int:
         all_scores.append(pd.read_csv(f"{stem}_scores.csv").assign(**tag))
         all_effects.append(pd.read_csv(f"{stem}_effects.csv", keep_default_na=False, na_values=[""]).assign(**tag))
         all_edges.append(pd.read_csv(f"{stem}_edges.csv").assign(**tag))
+        model = load(ckpt)
         for function, part in all_edges[-1].groupby("function"):  # drawn on every run: a rerun's results
-            draw_graph(prune(part, args.graph_edges), load(ckpt), out / f"graph_{label}_s{seed}_{function}.png",
+            draw_graph(prune(part, args.graph_edges), model, out / f"graph_{label}_s{seed}_{function}.png",
                        f"{label} seed {seed}: top {args.graph_edges} {function} edges (IG edge attribution, "
                        f"n = {args.pairs} pairs)")
         infos.append({**tag, **info})

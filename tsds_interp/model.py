@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -92,16 +93,12 @@ class ModelConfig:
 def memory_available() -> tuple[int, str] | None:
     """The bytes this process may hold and what bounds them: the machine's physical memory, or the
     process's address-space or data limit (``ulimit -v`` / ``-d``) where lower; None if unknown."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        resource = None
     bounds = []
     try:
         bounds.append((os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"))
     except (ValueError, OSError, AttributeError):
         pass
-    for name, words in (("RLIMIT_AS", "address-space limit"), ("RLIMIT_DATA", "data-size limit")) * bool(resource):
+    for name, words in (("RLIMIT_AS", "address-space limit"), ("RLIMIT_DATA", "data-size limit")):
         soft = resource.getrlimit(getattr(resource, name))[0]
         if soft != resource.RLIM_INFINITY:
             bounds.append((soft, f"this process's {words}"))

@@ -258,8 +258,8 @@ def _run_errors(body: Callable[[], int | None]) -> int:
         where = f" ({e.filename})" if e.filename else ""
         say(f"error: {e.strerror or e}{where}")
         return EXIT_BAD_INPUT
-    except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _is_allocator_failure(e):
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
             raise
         say(f"error: does not fit in memory ({_allocation(e)}); use smaller sizes, fewer questions or a "
             "smaller --max-batch / --memory-mb where the tool has one")
@@ -269,9 +269,9 @@ def _run_errors(body: Callable[[], int | None]) -> int:
         return EXIT_BAD_INPUT
 
 
-def _is_allocator_failure(e: RuntimeError) -> bool:
-    """torch's CPU allocator refusing a request (its error is a plain ``RuntimeError``)."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+def _out_of_memory(e: Exception) -> bool:
+    """Python or torch out of memory (torch's CPU allocator says so in a plain ``RuntimeError``)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
 
 
 def _allocation(e: Exception) -> str:

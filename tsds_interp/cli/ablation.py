@@ -27,18 +27,19 @@ def _parser() -> cli.Parser:
 
 def _ablate(args, results: cli.Results) -> int:
     checkpoint_config(args.checkpoint)
-    model = load(resolve_checkpoint(args.checkpoint), device=args.device)
+    path = resolve_checkpoint(args.checkpoint)
+    model = load(path, device=args.device)
     with autocast(args.device, args.autocast):
         df = ablation_sweep(model, args.questions, args.mode, args.seed, threshold=args.threshold,
                             quiet=args.quiet, max_batch=args.max_batch)
     out = args.out
-    results.record(checkpoint_path=str(resolve_checkpoint(args.checkpoint)))
+    results.record(checkpoint_path=str(path))
     df.to_csv(out / "ablation.csv", index=False)
     for metric in SCORED:
         part = df[df.metric == metric].assign(head=lambda d: d["head"].map(lambda h: "mlp" if h < 0 else f"H{h}"))
         base = float(part["baseline"].iloc[0]) if "baseline" in part and len(part) else float("nan")
         heatmap(part, "layer", "head", out / f"ablation_{args.mode}_{metric}.png",
-                f"{checkpoint_label(resolve_checkpoint(args.checkpoint))}: {args.mode} ablation, change in {metric} "
+                f"{checkpoint_label(path)}: {args.mode} ablation, change in {metric} "
                 f"(baseline {base:.3f}, n={args.questions} questions)\n95% intervals of each change in ablation.csv",
                 value="delta", label=f"change in {metric}")
     wide = df.pivot_table(index=["component", "label"], columns="metric", values="delta", sort=False)

@@ -35,6 +35,16 @@ def _bridge(normalization_type, seed=1):
     return model
 
 
+def _random_layernorms(model, seed=3):
+    """LayerNorm weights and biases drawn away from their initial 1 and 0, so both take part."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln" in f".{name}" and name.endswith((".weight", ".bias")):
+                p.copy_(p + 0.5 * torch.randn(p.shape, generator=g))
+    return model
+
+
 def _tokens(seed):
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, 17, (5, 9), generator=g)
@@ -61,7 +71,7 @@ def test_edges_into_linear_logits_equal_exact_path_patching():
 
 
 def test_head_input_gradients_add_up_to_the_layers_attention_input_gradient():
-    model = _bridge("LN")
+    model = _random_layernorms(_bridge("LN"))
     clean, _ = _tokens(1)
     grads = reader_grads(model, clean, logit_diff)
     H = model.cfg.n_heads
@@ -78,6 +88,44 @@ def test_head_input_gradients_add_up_to_the_layers_attention_input_gradient():
         torch.testing.assert_close(heads, g, atol=1e-5, rtol=1e-4)
     assert _no_hooks(model)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", None])
+def test_patching_any_edge_between_identical_runs_changes_nothing(norm):
+    """The receiver's input is recomputed by hand (its LayerNorm, then its own q, k, v): with no
+    difference to add, that must reproduce the model's own run exactly, LayerNorm weight and bias
+    included (drawn away from their initial 1 and 0)."""
+    model = _random_layernorms(_bridge(norm))
+    sd = model.state_dict()
+    if norm == "LN":
+        assert all((sd[f"blocks.{i}.ln1.weight"] - 1).abs().min() > 0 and sd[f"blocks.{i}.ln1.bias"].abs().min() > 0
+                   for i in range(2))
+    clean, corrupted = _tokens(4)
+    writers, readers = nodes(model)
+    edges = [(u.label, v.label) for u in writers for v in readers if feeds(u, v) and v.kind == "head"]
+    assert len(edges) == 4 * 1 + 4 * (1 + 4 + 1)  # layer 0 heads read embed; layer 1 heads also all of layer 0
+    same = edge_patch(model, clean, clean, logit_diff, edges)
+    assert np.abs(same.effect.to_numpy()).max() < 1e-5
+    moved = edge_patch(model, clean, corrupted, logit_diff, edges)
+    assert np.abs(moved.effect.to_numpy()).max() > 1e-3  # the same edges do carry a difference
+
+
+SUPPORTED = {"normalization_type": ("LN", "LNPre", None), "positional_embedding_type": ("standard",),
+             "n_key_value_heads": (None,), "parallel_attn_mlp": (False, None), "attn_only": (False, None),
+             "final_rms": (False, None)}
+REFUSED = {"normalization_type": "RMS", "positional_embedding_type": "rotary", "n_key_value_heads": 2,
+           "parallel_attn_mlp": True, "attn_only": True, "final_rms": True}
+
+
+def test_edge_attribution_refuses_each_layout_it_does_not_reproduce_by_name():
+    plain = {key: allowed[0] for key, allowed in SUPPORTED.items()}
+    for key, allowed in SUPPORTED.items():
+        for value in allowed:
+            check_supported(SimpleNamespace(cfg=SimpleNamespace(**{**plain, key: value})))
+        cfg = SimpleNamespace(**{**plain, key: REFUSED[key]})
+        with pytest.raises(ValueError) as err:
+            check_supported(SimpleNamespace(cfg=cfg))
+        assert str(err.value) == f"edge attribution supports {key} in {allowed}, this model has {REFUSED[key]!r}"
 
 
 def test_edge_attribution_tracks_exact_edge_patching_on_the_shipped_model():

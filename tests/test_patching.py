@@ -11,7 +11,7 @@ from transformer_lens.tools.analysis.attribution_patching import attribution_pat
 from tsds_interp.cli.patch import main as patch_main
 from tsds_interp.model import ModelConfig, build_model, load, save
 from tsds_interp.pairs import decision_pairs, sampling_pairs
-from tsds_interp.patching import activation_patch, attribution_patch, normalized
+from tsds_interp.patching import activation_patch, attribution_patch, normalized, top_components
 
 TL = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
       "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
@@ -229,3 +229,24 @@ def test_bf16_patching_is_within_five_percent_of_the_largest_fp32_effect(grid):
     assert effect > 1.0  # a contrast with something to measure
     assert (fp32 - bf16).abs().max() <= 0.05 * effect
     assert not torch.equal(fp32, bf16)  # bf16 did run
+
+
+def test_top_components_name_each_cell_with_its_position_and_keep_the_largest_per_function():
+    """A hand-made table: per-position cells carry ``@pos``; cells without a position (whole heads,
+    edges) do not; the k largest |effect| per function, largest first."""
+    rows = [dict(function="decision", grid="head_pos", layer=1, head=2, pos=5, effect=-0.7, value=0.1),
+            dict(function="decision", grid="head_pos", layer=1, head=2, pos=6, effect=0.2, value=0.2),
+            dict(function="decision", grid="head", layer=0, head=3, effect=0.5, value=0.3),
+            dict(function="decision", grid="attn_out", layer=0, pos=0, effect=0.05, value=0.4),
+            dict(function="sampling", grid="mlp_out", layer=1, pos=2, effect=0.3, value=0.5),
+            dict(function="sampling", grid="resid_pre", layer=0, pos=7, effect=-0.9, value=0.6),
+            dict(function="sampling", grid="edge", source="L0H1", target="logits", effect=0.01, value=0.7)]
+    top = top_components(pd.DataFrame(rows), k=3)
+    assert top.to_dict("records") == [
+        dict(function="sampling", component="L0.resid@7", effect=-0.9, value=0.6),
+        dict(function="decision", component="L1H2@5", effect=-0.7, value=0.1),
+        dict(function="decision", component="L0H3", effect=0.5, value=0.3),
+        dict(function="sampling", component="L1.mlp@2", effect=0.3, value=0.5),
+        dict(function="decision", component="L1H2@6", effect=0.2, value=0.2),
+        dict(function="sampling", component="L0H1->logits", effect=0.01, value=0.7)]
+    assert top_components(pd.DataFrame(rows), k=1).component.tolist() == ["L0.resid@7", "L1H2@5"]

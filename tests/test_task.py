@@ -14,6 +14,7 @@ from tsds_interp.task import (
     REJECT,
     SAMPLE,
     VOCAB,
+    States,
     TaskConfig,
     answer_tokens,
     build_trajectories,
@@ -24,6 +25,7 @@ from tsds_interp.task import (
     parse_candidate,
     prompt_tokens,
     sample_questions,
+    state_tokens,
     token_roles,
 )
 
@@ -178,3 +180,44 @@ def test_the_held_out_split_is_a_fixed_hash_of_the_question_and_operands_have_th
     with pytest.raises(ValueError, match="asked for 0 questions; ask for at least 1"):
         sample_questions(task, "train", 0, seed=0)
     assert len(sample_questions(task, "train", 1, seed=0)) == 1
+
+
+def test_the_default_cells_are_the_documented_ones():
+    """README: in distribution 1x1, 1x2, 2x1, 2x2, 1x3, 3x1, 2x3, 3x2; out of distribution 3x3; 10% held out."""
+    task = TaskConfig()
+    assert task.train_cells == ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3), (3, 1), (2, 3), (3, 2))
+    assert task.ood_cells == ((3, 3),) and task.test_fraction == 0.1 and task.width == 3 and task.budget == 3
+
+
+def test_operands_are_checked_at_their_exact_bounds_with_messages_naming_the_fix():
+    top = torch.tensor([0, 99])
+    prompt_tokens(top, top.flip(0), TASK)  # 0 and 10**width - 1 both fit
+    prompt_tokens(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long), TASK)
+    cases = [
+        ((torch.tensor([100]), torch.tensor([1])),
+         "operands a must be in [0, 99] (width 2 digits), got values in [100, 100]"),
+        ((torch.tensor([1]), torch.tensor([-1, 5])),
+         "operands b must be in [0, 99] (width 2 digits), got values in [-1, 5]"),
+        ((torch.tensor([1.0]), torch.tensor([1])), "operands a must be an integer tensor, got torch.float32"),
+        ((torch.tensor([1]), torch.tensor([True])), "operands b must be an integer tensor, got torch.bool"),
+        ((torch.tensor([1j]), torch.tensor([1])), "operands a must be an integer tensor, got torch.complex64"),
+        (([1], torch.tensor([1])), "operands a must be an integer tensor, got list"),
+        ((torch.tensor([[1]]), torch.tensor([1])), "operands a must be one-dimensional, got shape (1, 1)"),
+        ((torch.tensor([1, 2]), torch.tensor([1])), "operands a and b differ in length: 2 and 1"),
+    ]
+    for (a, b), message in cases:
+        with pytest.raises(ValueError) as err:
+            prompt_tokens(a, b, TASK)
+        assert str(err.value) == message
+
+
+def test_states_are_checked_at_their_exact_bounds():
+    steps = TaskConfig(**{**TASK.to_dict(), "task_format": "steps"})
+    fits = States(torch.tensor([99, 0]), torch.tensor([99, 1]), torch.tensor([9999, 0]))
+    assert state_tokens(fits, steps).shape == (2, 1 + 2 + 1 + 2 + 1 + 4)
+    message = "a state does not fit width 2: x, y need at most 2 digits, r 4"
+    for x, y, r in ((100, 1, 0), (1, 100, 0), (1, 1, 10000)):
+        with pytest.raises(ValueError) as err:
+            state_tokens(States(torch.tensor([x]), torch.tensor([y]), torch.tensor([r])), steps)
+        assert str(err.value) == message
+    assert state_tokens(States(*(torch.tensor([], dtype=torch.long),) * 3), steps).shape == (0, 11)

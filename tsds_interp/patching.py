@@ -389,13 +389,14 @@ def run_patching(model, function: str, method: str = "activation", granularity: 
 
 
 def component_name(row) -> str:
-    """The label of a tidy patching row: ``L0H1``, ``L0.attn``, ``L0.mlp`` or ``L0.resid`` (``@pos`` per
-    position), or ``source->target`` for an edge."""
+    """The label of a tidy patching row (one of ``df.itertuples()``): ``L0H1``, ``L0.attn``, ``L0.mlp``
+    or ``L0.resid`` (``@pos`` per position), or ``source->target`` for an edge."""
     if row.grid == "edge":
         return f"{row.source}->{row.target}"
     kind = {"attn_out": "attn", "mlp_out": "mlp", "resid_pre": "resid"}.get(row.grid, "head")
     name = Component(kind, int(row.layer), int(row.head) if kind == "head" else None).label
-    return name + (f"@{row.pos}" if "pos" in row and pd.notna(row.get("pos")) else "")
+    pos = getattr(row, "pos", None)
+    return name if pos is None or pd.isna(pos) else f"{name}@{int(pos)}"
 
 
 def top_components(df: pd.DataFrame, k: int = 8) -> pd.DataFrame:

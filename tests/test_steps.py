@@ -1,5 +1,8 @@
 """The step format: token layout, checker, episode driver, data, measures, patching, training."""
 
+import dataclasses
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -103,7 +106,8 @@ class _StepScript(torch.nn.Module):
 
     ``mode``: "right" (true step, ACCEPT); "first_call_wrong" (at r = 0 the true step with r' off in
     its lowest digit, REJECT; elsewhere true + ACCEPT); "stuck" (y' = y, never finishes, ACCEPT);
-    "bad_decision" (true step, PAD)."""
+    "bad_decision" (true step, PAD); "star" (the true step with ``*``, the first non-digit token, as
+    its first digit)."""
     def __init__(self, task, mode):
         super().__init__()
         self.task, self.mode = task, mode
@@ -124,6 +128,8 @@ class _StepScript(torch.nn.Module):
             step[:, 1 : 1 + task.width] = tokens[:, 2 + task.width : 2 + 2 * task.width]
         elif self.mode == "bad_decision":
             dec[:] = PAD
+        elif self.mode == "star":
+            step[:, 0] = 10
         script = torch.cat([tokens[:, :P], step, dec[:, None], torch.full((n, 1), EOS)], 1)
         logits = torch.full((n, T, 17), -1e4)
         logits.scatter_(2, script[:, 1 : T + 1, None], 0.0)
@@ -160,6 +166,50 @@ def test_episode_driver_on_scripted_policies():
     r = rollout(_StepScript(W3, "bad_decision"), q, task=W3, temperature=0.0, cached=False)
     assert r.malformed.all() and (r.n_attempts == 1).all() and not r.final_correct.any()
     assert (r.decisions == -1).all()
+
+    r = rollout(_StepScript(W3, "star"), q, task=W3, temperature=0.0, cached=False)
+    assert decode(r.tokens[0, W3.prompt_len : W3.prompt_len + 2]) == "* <eos>"  # ends at the malformed token
+    assert r.malformed.all() and (r.n_attempts == 1).all() and (r.n_calls == 1).all()
+    assert not r.step_correct.any() and (r.decisions == -2).all() and not r.taken.any()
+    assert (r.final_value == -1).all() and not r.final_correct.any()
+
+
+def test_step_rollouts_have_their_documented_dtypes_and_concatenate():
+    q = sample_questions(W3, "train", 12, seed=5)
+    r = rollout(_StepScript(W3, "first_call_wrong"), q, task=W3, temperature=0.0, cached=False)
+    kinds = {"a": torch.long, "b": torch.long, "final_value": torch.long, "final_correct": torch.bool,
+             "n_calls": torch.long, "malformed": torch.bool, "episode": torch.long, "call": torch.long,
+             "attempt": torch.long, "tokens": torch.long, "roles": torch.long, "logprobs": torch.float32,
+             "step_correct": torch.bool, "decisions": torch.long, "taken": torch.bool}
+    assert {f.name for f in dataclasses.fields(StepRollouts)} == {*kinds, "budget"}
+    assert {k: getattr(r, k).dtype for k in kinds} == kinds and r.budget == W3.budget
+    for parts in ([r], [r, r]):
+        both = StepRollouts.cat(parts)
+        assert len(both) == len(r) * len(parts) and both.budget == W3.budget
+        assert torch.equal(both.episode, torch.cat([r.episode + i * len(r) for i in range(len(parts))]))
+        assert torch.equal(both.tokens, torch.cat([r.tokens] * len(parts)))
+
+
+def test_step_rollouts_and_sampling_log_the_forward_they_take(caplog):
+    """The own-weights KV cache where it is exact; the hooked forward once a user's hook is attached."""
+    model = build_model(ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, task=STEPS))
+    q = sample_questions(STEPS, "train", 4, seed=0)
+    s = solution_states(q.a, q.b, STEPS, torch.zeros(4, dtype=torch.long))
+
+    def said():
+        with caplog.at_level(logging.DEBUG, logger="tsds_interp"):
+            rollout(model, q, seed=0)
+            sample_steps(model, s, STEPS, seed=0)
+        out = {m.split(": ")[0]: m.split(": ")[1] for m in (r.getMessage() for r in caplog.records)
+               if m.startswith(("step rollout: ", "step sampling: "))}
+        caplog.clear()
+        return out
+
+    assert said() == {"step rollout": "own-weights forward", "step sampling": "own-weights forward"}
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda a, hook: a)]):
+        hooked = said()
+    assert set(hooked) == {"step rollout", "step sampling"}
+    assert all(v.startswith("hooked forward (") for v in hooked.values()), hooked
 
 
 @pytest.mark.parametrize("temp,dtemp", [(0.0, 0.0), (1.0, 1.0), (1.5, 0.7)])

@@ -342,7 +342,7 @@ def _step_rollout(model, q: Questions, task: TaskConfig, temp: float, dtemp: flo
     if rows is not None:
         q, uniforms = q[rows], uniforms[rows]
     device = next(model.parameters()).device
-    decoder = KVCache if cached and use_own_weights(model, "rollout") else UncachedStepper
+    decoder = KVCache if cached and use_own_weights(model, "step rollout") else UncachedStepper
     n = len(q)
     state = States(q.a.clone(), q.b.clone(), torch.zeros_like(q.a))
     call, attempt = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
@@ -400,7 +400,7 @@ def sample_steps(model, states: States, task: TaskConfig, temperature: float = 1
     checks.number("temperature", temperature, lo=0, hi=100)
     gen = torch.Generator().manual_seed(seed)
     uniforms = torch.rand(len(states), task.attempt_len, generator=gen, dtype=torch.float64)
-    decoder = KVCache if cached and use_own_weights(model, "rollout") else UncachedStepper
+    decoder = KVCache if cached and use_own_weights(model, "step sampling") else UncachedStepper
     dtemp = temperature if decision_temperature is None else decision_temperature
     tokens, logprobs = _decode_attempts(model, decoder, state_tokens(states, task), uniforms, task, temperature,
                                         dtemp, batch_size, next(model.parameters()).device)

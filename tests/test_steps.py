@@ -333,6 +333,71 @@ def test_sample_steps_decodes_every_position_alike_cached_or_not():
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
 
 
+class _SoftStepScript(torch.nn.Module):
+    """Known soft logits for one attempt from the state in the prompt: each step digit's true token at
+    0 and every other token at -4; the decision 50/50 between ACCEPT and REJECT; then EOS for sure.
+    Counts its forward calls."""
+    def __init__(self, task):
+        super().__init__()
+        self.task, self.calls = task, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.tsds_config = ModelConfig(n_layers=1, d_model=4, n_heads=1, d_mlp=4, task=task)
+
+    def script(self, tokens):
+        P = self.task.prompt_len
+        return torch.cat([tokens[:, :P], true_step_tokens(parse_states(tokens[:, :P], self.task), self.task)], 1)
+
+    def forward(self, tokens):
+        self.calls += 1
+        task, (n, T) = self.task, tokens.shape
+        P, L = task.prompt_len, task.answer_len
+        logits = torch.full((n, T, 17), -4.0)
+        logits.scatter_(2, self.script(tokens)[:, 1 : T + 1, None], 0.0)
+        if T > P + L - 1:
+            logits[:, P + L - 1] = -1e4
+            logits[:, P + L - 1, [ACCEPT, REJECT]] = 0.0
+        if T > P + L:
+            logits[:, P + L] = -1e4
+            logits[:, P + L, EOS] = 0.0
+        return logits
+
+
+def test_step_sampling_on_known_logits_uses_each_temperature_where_it_belongs():
+    """Steps at ``temperature``, decisions at ``decision_temperature``, log-probs at temperature 1 of
+    exactly the drawn tokens, one forward per token, the same draws in any batch size."""
+    q = sample_questions(STEPS, "train", 300, seed=6)
+    s = solution_states(q.a, q.b, STEPS, torch.zeros(300, dtype=torch.long))
+    model = _SoftStepScript(STEPS)
+    P, L = STEPS.prompt_len, STEPS.answer_len
+    truth = true_step_tokens(s, STEPS)
+
+    tokens, logprobs = sample_steps(model, s, STEPS, temperature=0.0, decision_temperature=1.0, seed=2,
+                                    batch_size=128, cached=False)
+    assert tokens.dtype == torch.long and logprobs.dtype == torch.float32
+    assert model.calls == 3 * STEPS.attempt_len  # three batches, one forward per drawn token
+    assert torch.equal(tokens[:, P : P + L], truth)  # greedy steps
+    accept = (tokens[:, P + L] == ACCEPT).float().mean()
+    assert 0.4 < accept < 0.6 and ((tokens[:, P + L] == ACCEPT) | (tokens[:, P + L] == REJECT)).all()
+    assert (tokens[:, P + L + 1] == EOS).all()
+    near = 1 / (1 + 16 * np.exp(-4.0))  # the true digit's probability at temperature 1
+    torch.testing.assert_close(logprobs[:, P : P + L], torch.full((300, L), float(np.log(near))))
+    torch.testing.assert_close(logprobs[:, P + L], torch.full((300,), float(np.log(0.5))))
+    assert logprobs[:, :P].eq(0).all() and logprobs[:, P + L + 1 :].abs().max() < 1e-6
+
+    again = sample_steps(model, s, STEPS, temperature=0.0, decision_temperature=1.0, seed=2, cached=False)
+    assert torch.equal(again[0], tokens) and torch.equal(again[1], logprobs)  # batch size changes nothing
+
+    tokens, logprobs = sample_steps(model, s, STEPS, temperature=1.0, decision_temperature=0.0, seed=2,
+                                    cached=False)
+    formed = (tokens[:, P : P + L] <= 9).all(1)  # a non-digit ends the attempt: EOS after it, then PAD
+    assert 50 < formed.sum() < 250
+    assert (tokens[formed, P + L] == ACCEPT).all()  # greedy decision (a tie goes to the first, ACCEPT)
+    wrong = tokens[formed, P : P + L] != truth[formed]
+    assert 0.1 < wrong.float().mean() < 0.4
+    expected = torch.where(wrong, float(np.log(np.exp(-4.0) * near)), float(np.log(near)))
+    torch.testing.assert_close(logprobs[formed, P : P + L], expected)
+
+
 def test_step_attribution_gives_each_attempt_its_episodes_advantage(trained_steps):
     from tsds_interp.gradient_split import Trajectories, objective_terms
     from tsds_interp.objectives import advantages

@@ -11,7 +11,15 @@ from transformer_lens.tools.analysis.attribution_patching import attribution_pat
 from tsds_interp.cli.patch import main as patch_main
 from tsds_interp.model import ModelConfig, build_model, load, save
 from tsds_interp.pairs import decision_pairs, sampling_pairs
-from tsds_interp.patching import activation_patch, attribution_patch, normalized, top_components
+from tsds_interp.patching import (
+    activation_patch,
+    attribution_patch,
+    check_patching_args,
+    gap_line,
+    normalized,
+    run_patching,
+    top_components,
+)
 
 TL = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
       "mlp_out": tlp.get_act_patch_mlp_out, "head": tlp.get_act_patch_attn_head_out_all_pos,
@@ -250,3 +258,47 @@ def test_top_components_name_each_cell_with_its_position_and_keep_the_largest_pe
         dict(function="decision", component="L1H2@6", effect=0.2, value=0.2),
         dict(function="sampling", component="L0H1->logits", effect=0.01, value=0.7)]
     assert top_components(pd.DataFrame(rows), k=1).component.tolist() == ["L0.resid@7", "L1H2@5"]
+
+
+def test_patching_settings_are_refused_by_exact_message_just_past_their_bounds(model):
+    good = dict(function="decision", method="activation", granularity="head", direction="denoise", n_pairs=1,
+                seed=0, memory_mb=1e7, ig_steps=1000)
+    check_patching_args(**good)
+    check_patching_args(function="sampling", method="attribution", granularity="edge", direction="noise",
+                        n_pairs=10_000, seed=2**32 - 1, memory_mb=1e-3, ig_steps=1)
+    for granularity in ("layer", "head_pos"):
+        check_patching_args(**{**good, "granularity": granularity})
+    cases = [("function", "x", "function must be one of decision, sampling, got 'x'"),
+             ("method", "x", "method must be one of activation, attribution, got 'x'"),
+             ("granularity", "x", "granularity must be one of layer, head, head_pos, edge, got 'x'"),
+             ("direction", "x", "direction must be one of denoise, noise, got 'x'"),
+             ("n_pairs", 0, "n_pairs must be an integer in [1, 10000], got 0"),
+             ("n_pairs", 10_001, "n_pairs must be an integer in [1, 10000], got 10001"),
+             ("n_pairs", 2.5, "n_pairs must be an integer in [1, 10000], got 2.5"),
+             ("memory_mb", 0, "memory_mb must be a finite number in (0, 10000000], got 0"),
+             ("memory_mb", 1.1e7, "memory_mb must be a finite number in (0, 10000000], got 11000000.0"),
+             ("ig_steps", 0, "ig_steps must be an integer in [1, 1000], got 0"),
+             ("ig_steps", 1001, "ig_steps must be an integer in [1, 1000], got 1001"),
+             ("ig_steps", 1.5, "ig_steps must be an integer in [1, 1000], got 1.5"),
+             ("seed", -1, "seed must be an integer in [0, 4294967295], got -1")]
+    for key, value, message in cases:
+        with pytest.raises(ValueError) as err:
+            check_patching_args(**{**good, key: value})
+        assert str(err.value) == message
+    with pytest.raises(ValueError, match=r"^n_pairs must be an integer in \[1, 10000\], got 0$"):
+        run_patching(model, "decision", n_pairs=0)  # the library entry point checks before any work
+
+
+def test_the_gap_line_states_the_contrast_and_whether_normalizing_is_defined():
+    row = dict(gap=0.6654, gap_lo=0.0812, gap_hi=1.4831, pairs=32, own_wrong_pairs=20, cells="1x1,1x2",
+               cell_rule="in-distribution cells with errors", normalized_defined=True)
+    decision = pd.DataFrame([{**row, "function": "decision"}] * 2)
+    assert gap_line(decision) == (
+        "decision: clean - corrupted metric 0.665 [0.081, 1.483] over 32 pairs, 20 with the model's own wrong "
+        "sample; cells 1x1,1x2 (in-distribution cells with errors); normalized scores shown")
+    sampling = pd.DataFrame([{**row, "function": "sampling", "gap_lo": -0.2, "normalized_defined": False},
+                             {**row, "function": "sampling"}])
+    assert gap_line(sampling) == (
+        "sampling: clean - corrupted metric 0.665 [-0.200, 1.483] over 32 pairs; cells 1x1,1x2 "
+        "(in-distribution cells with errors); the interval includes 0: normalized scores are undefined, "
+        "raw effects only")

@@ -330,7 +330,7 @@ def check_patching_args(function: str, method: str, granularity: str, direction:
                                  ("direction", direction, ("denoise", "noise"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-    checks.number("pairs", n_pairs, lo=1, hi=MAX_PAIRS, integer=True)
+    checks.number("n_pairs", n_pairs, lo=1, hi=MAX_PAIRS, integer=True)
     checks.seed(seed)
     checks.number("memory_mb", memory_mb, lo=0, hi=1e7, lo_open=True)
     checks.number("ig_steps", ig_steps, lo=1, hi=1000, integer=True)

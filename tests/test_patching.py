@@ -1,6 +1,8 @@
 import dataclasses
 import json
 
+import numpy as np
+
 import pandas as pd
 import pytest
 import torch
@@ -10,7 +12,8 @@ from transformer_lens.tools.analysis.attribution_patching import attribution_pat
 
 from tsds_interp.cli.patch import main as patch_main
 from tsds_interp.model import ModelConfig, build_model, load, save
-from tsds_interp.pairs import decision_pairs, sampling_pairs
+from tsds_interp.edges import edge_attribution, edge_patch
+from tsds_interp.pairs import Pairs, decision_pairs, sampling_pairs
 from tsds_interp.patching import (
     activation_patch,
     attribution_patch,
@@ -302,3 +305,57 @@ def test_the_gap_line_states_the_contrast_and_whether_normalizing_is_defined():
         "sampling: clean - corrupted metric 0.665 [-0.200, 1.483] over 32 pairs; cells 1x1,1x2 "
         "(in-distribution cells with errors); the interval includes 0: normalized scores are undefined, "
         "raw effects only")
+
+
+@pytest.fixture(scope="module")
+def sft():
+    return load("sft")
+
+
+@dataclasses.dataclass
+class _Scaled(Pairs):
+    """Pairs whose metric is multiplied by ``scale`` (to place the gap's interval where a test needs it)."""
+    scale: float = 1.0
+
+    def metric_per_pair(self, logits):
+        return super().metric_per_pair(logits) * self.scale
+
+
+@pytest.mark.parametrize("method,granularity,direction", [
+    ("activation", "head", "noise"), ("activation", "layer", "denoise"), ("attribution", "head_pos", "noise"),
+    ("attribution", "layer", "denoise"), ("activation", "edge", "noise"), ("attribution", "edge", "denoise")])
+def test_run_patching_rows_are_the_primitives_results_on_the_same_pairs(sft, method, granularity, direction):
+    """Each row's effect is what activation_patch / attribution_patch / edge_patch / edge_attribution give
+    on the same pairs and settings, its value that effect rescaled by hand (0 = corrupted, 1 = clean),
+    with the gap's interval placed at lo = 0.5 so that normalizing is defined."""
+    model = sft
+    plain = sampling_pairs(model.tsds_config.task, 6, seed=0)
+    gap, lo, hi = plain.gap(model, n_boot=200, seed=5)
+    assert lo > 0 or hi < 0, (lo, hi)  # the shipped model's sampling pairs have a gap of one sign
+    pairs = _Scaled(**{f.name: getattr(plain, f.name) for f in dataclasses.fields(Pairs)},
+                    scale=0.5 / lo if lo > 0 else -0.5 / hi)
+    df = run_patching(model, "sampling", method, granularity, direction=direction, pairs=pairs, n_boot=200, seed=5,
+                      ig_steps=3)
+    with torch.no_grad():
+        clean_v, corr_v = (float(pairs.metric(model(t))) for t in (pairs.clean, pairs.corrupted))
+    base_v = corr_v if direction == "denoise" else clean_v
+    assert (df.gap_lo if lo > 0 else -df.gap_hi).iloc[0] == pytest.approx(0.5)
+    assert (df.gap.iloc[0], df.gap_lo.iloc[0], df.gap_hi.iloc[0]) == pytest.approx(pairs.gap(model, 200, seed=5))
+    assert df.normalized_defined.all() and (df.method == method).all() and (df.function == "sampling").all()
+    assert (df.clean_metric == clean_v).all() and (df.corrupted_metric == corr_v).all()
+    args = (model, pairs.clean, pairs.corrupted, pairs.metric)
+    if granularity == "edge":
+        assert (df.grid == "edge").all() and len(df) == 207  # every valid edge of 4 layers x 4 heads + MLPs
+        edges = list(zip(df.source, df.target))
+        expected = (edge_patch(*args, edges, direction).effect.to_numpy() if method == "activation"
+                    else edge_attribution(*args, direction, ig_steps=3).score.to_numpy())
+    else:
+        parts = []
+        for grid in {"head": ["head"], "head_pos": ["head_pos"], "layer": ["attn_out", "mlp_out"]}[granularity]:
+            raw = (activation_patch(*args, grid, direction) - base_v if method == "activation"
+                   else attribution_patch(*args, grid, direction, ig_steps=3))
+            parts.append(raw.flatten().numpy())
+        expected = np.concatenate(parts)
+    np.testing.assert_allclose(df.effect.to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(df.value.to_numpy(), (expected + base_v - corr_v) / (clean_v - corr_v),
+                               rtol=1e-4, atol=1e-5)

@@ -2,7 +2,6 @@ import dataclasses
 import json
 
 import numpy as np
-
 import pandas as pd
 import pytest
 import torch
@@ -11,8 +10,8 @@ from transformer_lens.tools.analysis.attribution_patching import Node
 from transformer_lens.tools.analysis.attribution_patching import attribution_patch as tl_attr
 
 from tsds_interp.cli.patch import main as patch_main
-from tsds_interp.model import ModelConfig, build_model, load, save
 from tsds_interp.edges import edge_attribution, edge_patch
+from tsds_interp.model import ModelConfig, build_model, load, save
 from tsds_interp.pairs import Pairs, decision_pairs, sampling_pairs
 from tsds_interp.patching import (
     activation_patch,

@@ -78,8 +78,10 @@ def test_each_fast_path_logs_the_path_it_takes(model, caplog):
         rollout(m, sample_questions(TASK, "train", 4, seed=0), task=TASK, seed=0)
         activation_patch(m, *pairs(), metric, "head_pos")
         attribution_patch(m, *pairs(), metric, "head_pos")
+        attribution_patch(m, *pairs(), metric, "head")
         forward = fast_forward(m, "training")
-    for what in ("rollout", "head_pos patching", "head_pos attribution patching", "training"):
+    for what in ("rollout", "head_pos patching", "head_pos attribution patching", "head attribution patching",
+                 "training"):
         said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{what}: ")]
         assert said and all(want in x for x in said), (what, said)
     assert (forward is m) == (want == "hooked forward")

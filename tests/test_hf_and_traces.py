@@ -108,6 +108,11 @@ def test_layouts_outside_the_allow_list_refuse_by_name(tmp_path):
         hf_model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         assert reason in (refusal(boot(folder)) or ""), reason
+    llama = boot(save_random("llama", tmp_path / "llama", WORDS))
+    assert refusal(llama) is None
+    rope = next(m for m in llama.original_model.modules() if "inv_freq" in m._buffers)
+    rope.attention_scaling = 0.5  # a rotary embedding that rescales what it rotates
+    assert "rope_type='default' rotary scaling is not implemented" in refusal(llama)
     gpt2 = boot(save_random("gpt2", tmp_path / "gpt2", WORDS))
     gpt2.train()  # GPT-2's dropout is active when training: not reproduced, so refused
     assert "pdrop" in refusal(gpt2)

@@ -39,6 +39,13 @@ def pairs(model):
     return sampling_pairs(model.tsds_config.task, 5, seed=0)
 
 
+def _contrast(model):
+    clean = torch.arange(8).repeat(2, 1) % model.cfg.d_vocab
+    corrupted = clean.clone()
+    corrupted[:, 3] += 1
+    return clean, corrupted
+
+
 def _no_hooks(model):
     return not any(h.fwd_hooks or h.bwd_hooks for h in model.hook_dict.values())
 
@@ -310,6 +317,20 @@ def test_patching_settings_are_refused_by_exact_message_just_past_their_bounds(m
         with pytest.raises(ValueError) as err:
             check_patching_args(**{**good, key: value})
         assert str(err.value) == message
+    for steps in (0, 1001, 1.5):
+        with pytest.raises(ValueError) as err:
+            attribution_patch(model, *_contrast(model), lambda lg: lg[:, -1, 0].mean(), "resid_pre", ig_steps=steps)
+        assert str(err.value) == f"ig_steps must be an integer in [1, 1000], got {steps}"
+
+
+    class Reached(Exception):
+        pass
+
+    def reached(logits):
+        raise Reached  # the settings were accepted and the work began
+
+    with pytest.raises(Reached):
+        attribution_patch(model, *_contrast(model), reached, "resid_pre", ig_steps=1000)
     with pytest.raises(ValueError, match=r"^n_pairs must be an integer in \[1, 10000\], got 0$"):
         run_patching(model, "decision", n_pairs=0)  # the library entry point checks before any work
 

@@ -118,6 +118,45 @@ def test_layouts_outside_the_allow_list_refuse_by_name(tmp_path):
     assert "pdrop" in refusal(gpt2)
 
 
+def test_each_hf_setting_the_own_forward_does_not_reproduce_is_refused_by_name(tmp_path):
+    """The model's own HuggingFace config is read at every call: each setting that would make the
+    model compute something else turns the own-weights forward off with a reason naming it, and
+    settings that change nothing (a window as long as the context, sliding attention switched off or
+    on no layer, zero dropout) do not."""
+    def said(model, **changes):
+        config = model.original_model.config
+        before = {k: getattr(config, k, None) for k in changes}
+        for k, v in changes.items():
+            setattr(config, k, v)
+        try:
+            return refusal(model)
+        finally:
+            for k, v in before.items():
+                setattr(config, k, v)
+
+    llama, qwen2, gpt2 = (boot(save_random(n, tmp_path / n, WORDS)) for n in ("llama", "qwen2", "gpt2"))
+    assert refusal(llama) is None and refusal(qwen2) is None and refusal(gpt2) is None
+    assert said(llama, pretraining_tp=2) == "pretraining_tp=2 is not implemented by the own-weights forward"
+    assert said(llama, head_dim=16) == "head_dim=16 differs from d_head=8"
+    assert said(llama, rms_norm_eps=1e-3) == "the norms' eps 0.001 differs from the config's 1e-06"
+    assert said(gpt2, layer_norm_epsilon=1e-3) == "the norms' eps 0.001 differs from the config's 1e-05"
+    assert said(llama, hidden_act="relu") == "hidden_act='relu' differs from the bridge's act_fn='silu'"
+    assert said(gpt2, activation_function="relu") == "hidden_act='relu' differs from the bridge's act_fn='gelu_new'"
+    window = "sliding_window=63 is shorter than the context (64)"
+    assert said(llama, sliding_window=63) == window and said(llama, sliding_window=64) is None
+    assert said(qwen2, sliding_window=63) is None  # use_sliding_window=False
+    assert said(qwen2, sliding_window=63, use_sliding_window=True) is None  # no layer slides
+    assert said(qwen2, sliding_window=63, use_sliding_window=True,
+                layer_types=["full_attention", "sliding_attention"]) == window
+    llama.train()
+    try:
+        assert said(llama) is None  # training mode with every dropout at 0
+        assert said(llama, attention_dropout=0.1) == "attention_dropout=0.1 is active in training mode"
+    finally:
+        llama.eval()
+    assert said(llama, attention_dropout=0.1) is None  # dropout is off in evaluation mode
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_activation_patching_of_hf_models_equals_transformer_lens(hf_model, direction):
     _, model = hf_model

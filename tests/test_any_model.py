@@ -12,7 +12,7 @@ import transformer_lens.model_bridge.sources  # noqa: F401
 from tl_reference import assert_attribution_matches, assert_grids_match
 
 from tsds_interp.bench import LAYOUT_MATRIX, matrix_model
-from tsds_interp.forward import OwnForward, fast_forward, refusal
+from tsds_interp.forward import OwnForward, OwnWeights, fast_forward, refusal
 from tsds_interp.patching import activation_patch, attribution_patch
 from tsds_interp.rollout import rollout
 from tsds_interp.task import VOCAB, TaskConfig, sample_questions
@@ -85,6 +85,18 @@ def test_each_fast_path_logs_the_path_it_takes(model, caplog):
         said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{what}: ")]
         assert said and all(want in x for x in said), (what, said)
     assert (forward is m) == (want == "hooked forward")
+
+
+def test_own_logits_equal_the_hooked_models_from_one_token_up(model):
+    """One forward object on inputs of 1, then 3, then 9 tokens: position tables built for the
+    first length and grown for the later ones give the hooked model's logits at every length."""
+    name, m = model
+    if CONFIGS[name][1] is not None:
+        pytest.skip("the own-weights forward refuses this configuration")
+    own, tokens = OwnWeights(m), pairs()[0]
+    with torch.no_grad():
+        for length in (1, 3, 9):
+            torch.testing.assert_close(own.logits(tokens[:, :length]), m(tokens[:, :length]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

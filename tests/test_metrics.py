@@ -83,6 +83,32 @@ def test_empty_rollouts_error():
         ds_metrics(_constructed()[:0])
 
 
+def test_bad_probabilities_budgets_and_inputs_are_refused_by_exact_message_at_their_bounds():
+    assert predicted_accuracy(0, 0, 0, 1) == 0.0 and predicted_accuracy(1, 1, 1, 1) == 1.0
+    assert np.isnan(predicted_accuracy(np.nan, 0.5, 0.5, 3))  # an undefined proportion stays undefined
+    cases = [((1.5, 0.5, 0.5, 3), "p_s must be a probability in [0, 1], got 1.5"),
+             ((-0.1, 0.5, 0.5, 3), "p_s must be a probability in [0, 1], got -0.1"),
+             ((0.5, -0.1, 0.5, 3), "p_dc must be a probability in [0, 1], got -0.1"),
+             ((0.5, 1.01, 0.5, 3), "p_dc must be a probability in [0, 1], got 1.01"),
+             ((0.5, 0.5, [0.5, 2.0], 3), "p_dw must be a probability in [0, 1], got [0.5, 2.0]"),
+             ((0.5, 0.5, 0.5, 0), "budget must be an integer in [1, 1000000], got 0"),
+             ((0.5, 0.5, 0.5, 10**6 + 1), "budget must be an integer in [1, 1000000], got 1000001"),
+             ((0.5, 0.5, 0.5, 2.5), "budget must be an integer in [1, 1000000], got 2.5")]
+    for args, message in cases:
+        with pytest.raises(ValueError) as err:
+            predicted_accuracy(*args)
+        assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        ds_metrics([1, 2])
+    assert str(err.value) == ("ds_metrics measures the Rollouts that tsds_interp.rollout.rollout returns, got list; "
+                              "for your own traces use tsds_interp.traces.ds_counts")
+    for n_boot in (0, 10**6 + 1):
+        with pytest.raises(ValueError) as err:
+            ds_metrics(_constructed(), n_boot=n_boot)
+        assert str(err.value) == f"n_boot must be an integer in [1, 1000000], got {n_boot}"
+    assert len(ds_metrics(_constructed(), n_boot=1)) == len(ds_metrics(_constructed(), n_boot=2))
+
+
 def test_gain_decomposition_adds_up_and_isolates_each_part():
     import pandas as pd
 

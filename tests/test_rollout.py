@@ -126,6 +126,74 @@ class _ScriptedPolicy(torch.nn.Module):
         return logits
 
 
+class _SoftScript(torch.nn.Module):
+    """Known soft logits for every attempt of a one-shot episode: each candidate digit of the product at
+    0 and every other token at -4; each decision 50/50 between ACCEPT and REJECT. Counts its forward calls."""
+    def __init__(self, task):
+        super().__init__()
+        from tsds_interp.model import ModelConfig
+        self.task, self.calls = task, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.tsds_config = ModelConfig(n_layers=1, d_model=4, n_heads=1, d_mlp=4, task=task)
+
+    def forward(self, tokens):
+        from tsds_interp.task import ACCEPT, REJECT, answer_tokens
+        self.calls += 1
+        task, (n, T) = self.task, tokens.shape
+        P, L, W = task.prompt_len, task.answer_len, task.width
+        powers = 10 ** torch.arange(W - 1, -1, -1)
+        a, b = ((tokens[:, lo : lo + W] * powers).sum(1) for lo in (1, 2 + W))
+        answer = answer_tokens(a * b, task)
+        logits = torch.full((n, T, 17), -4.0)
+        for pos in range(P - 1, T):  # the logits at pos choose the token at pos + 1
+            offset = (pos + 1 - P) % task.attempt_len
+            if offset < L:
+                logits[:, pos].scatter_(1, answer[:, offset, None], 0.0)
+            else:
+                logits[:, pos] = -1e4
+                logits[:, pos, [ACCEPT, REJECT]] = 0.0
+        return logits
+
+
+def test_rollouts_on_known_logits_use_each_temperature_where_it_belongs(tiny_cfg):
+    """Candidates at ``temperature``, decisions at ``decision_temperature``; log-probs at temperature 1
+    of exactly the drawn tokens; one forward per drawn token; a rejected last attempt ends the episode
+    all the same; a non-digit candidate token (``*`` included) ends it malformed."""
+    import numpy as np
+
+    from tsds_interp.task import ACCEPT, EOS, REJECT, parse_candidate
+    task = tiny_cfg.task
+    P, L, K = task.prompt_len, task.answer_len, task.budget
+    q = sample_questions(task, "train", 300, seed=7)
+    product = q.a * q.b
+    near = float(np.log(1 / (1 + 16 * np.exp(-4.0))))  # the scripted digit's log-probability
+    model = _SoftScript(task)
+
+    r = rollout(model, q, task=task, temperature=0.0, decision_temperature=1.0, seed=1, cached=False)
+    assert model.calls == K * task.attempt_len  # prefill, then one forward per later token, none wasted
+    made = r.decisions != NOT_REACHED
+    assert (r.values[made] == product[:, None].expand(-1, K)[made]).all() and (r.values[~made] == -1).all()
+    assert 0.4 < (r.decisions[:, 0] == ACCEPTED).float().mean() < 0.6 and not r.malformed.any()
+    assert torch.equal(r.n_attempts, 1 + (r.decisions[:, 0] == REJECTED).long())
+    assert r.final_correct.all()  # a rejected last candidate is final, and it is right
+    ends = P + r.n_attempts * task.attempt_len  # one past each episode's last decision
+    assert (r.tokens[torch.arange(300), ends] == EOS).all()
+    assert torch.allclose(r.logprobs[r.roles == SAMPLE], torch.tensor(near))
+    assert torch.allclose(r.logprobs[r.roles == DECISION], torch.tensor(float(np.log(0.5))))
+
+    r = rollout(model, q, task=task, temperature=1.0, decision_temperature=0.0, seed=1, cached=False)
+    first = r.tokens[:, P : P + L]
+    bad = (first > 9).any(1)
+    assert (first == 10).any() and 0.05 < bad.float().mean() < 0.5  # some candidates hold '*' or other tokens
+    unwritten = (first[:, 0] == PAD) | (first[:, 0] == EOS)  # an episode that ended before its first candidate
+    assert torch.equal(r.malformed, bad) and torch.equal(r.n_attempts, (~unwritten).long()) and unwritten.any()
+    assert (r.decisions[~bad, 0] == ACCEPTED).all() and (r.decisions[bad, 0] == NOT_REACHED).all()
+    expected = torch.where(unwritten, -1, parse_candidate(first, task))
+    assert torch.equal(r.values[:, 0], expected) and (r.values[:, 1] == -1).all()
+    assert torch.equal(r.final_correct, (r.values[:, 0] == product) & ~bad) and r.final_correct.any()
+    assert (r.decisions[:, 1:] == NOT_REACHED).all() and ACCEPT != REJECT
+
+
 def _task_with_budget(task, k):
     from tsds_interp.task import TaskConfig
     return TaskConfig(**{**task.to_dict(), "budget": k})

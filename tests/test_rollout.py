@@ -247,3 +247,45 @@ def test_rollouts_in_chunks_with_progress_are_the_same_episodes(name):
             assert torch.equal(a, b), f.name
         else:
             assert a == b, f.name
+
+
+def test_progress_counts_units_and_warns_once_when_the_first_item_predicts_a_long_run(monkeypatch):
+    """A clock that makes the first item (1 of 10 units) take 360 s: the estimate is 360 * 10 / 1 s =
+    1.0 h, a warning past an hour's threshold and none at it; the bar gets the total, the label, the
+    unit and each item's units; ``quiet`` turns it off."""
+    import importlib
+    import warnings
+
+    module = importlib.import_module("tsds_interp.rollout")  # the module (the package exports the function)
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.kw, self.updates = kw, []
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            self.updates.append(n)
+
+    monkeypatch.setattr(module, "tqdm", Bar)
+    monkeypatch.setattr(module.time, "perf_counter", lambda: next(clock))
+    sizes = {"a": 1, "b": 4, "c": 5}
+    for threshold, warns in ((3599.0, True), (3600.0, False)):
+        clock = iter([0.0, 360.0, 900.0, 1000.0])
+        monkeypatch.setattr(module, "LONG_RUN_S", threshold)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert list(module.progress(list(sizes), "sweep", "head", size=sizes.get)) == ["a", "b", "c"]
+        said = [str(w.message) for w in caught if issubclass(w.category, module.LongRunWarning)]
+        assert said == (["sweep: 10 heads will take about 1.0 h at this rate; Ctrl-C stops the run, a smaller "
+                         "size shortens it"] if warns else [])
+    assert bars[-1].kw == dict(total=10, desc="sweep", unit="head", disable=None) and bars[-1].updates == [1, 4, 5]
+    clock = iter([0.0, 1.0, 2.0, 3.0])
+    assert list(module.progress(["x", "y"], "items", quiet=True, total=7)) == ["x", "y"]
+    assert bars[-1].kw == dict(total=7, desc="items", unit="it", disable=True) and bars[-1].updates == [1, 1]

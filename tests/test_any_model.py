@@ -162,10 +162,12 @@ def test_own_forward_gradients_equal_the_hooked_forwards(model):
 
 
 def test_memory_mb_bounds_the_prefix_reuse_path():
-    from tsds_interp.patching import _PrefixReuse
+    from tsds_interp.patching import _bytes_per_variant, _PrefixReuse
 
     m = build("native")
     clean, corrupted = pairs()
     assert _PrefixReuse(m)._heads_per_batch(2, 9, 1e-6) == 1 and _PrefixReuse(m)._heads_per_batch(2, 9, 1e3) == 4
+    two = 2 * _bytes_per_variant(m.cfg, 2, 9) / 2**20  # MiB for exactly two patched runs at once
+    assert [_PrefixReuse(m)._heads_per_batch(2, 9, mb) for mb in (two, two * 0.999, two * 1.5)] == [2, 1, 3]
     small = activation_patch(m, clean, corrupted, metric, "head_pos", memory_mb=1e-6)
     assert torch.allclose(small, activation_patch(m, clean, corrupted, metric, "head_pos"), atol=1e-6)

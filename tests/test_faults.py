@@ -514,9 +514,10 @@ def test_long_runs_warn_with_their_estimate_and_go_on(random_model, monkeypatch)
     from tsds_interp.task import sample_questions
 
     monkeypatch.setattr(importlib.import_module("tsds_interp.rollout"), "LONG_RUN_S", 0.0)
-    with pytest.warns(LongRunWarning, match=r"zero ablation: 10 components will take about"):
+    with pytest.warns(LongRunWarning, match=r"zero ablation: 10 components will take about") as said:
         df = ablation_sweep(random_model, 4, quiet=True)
     assert df.component.nunique() == 10  # 2 layers x (4 heads + MLP): the run went on
+    assert [w.filename for w in said if w.category is LongRunWarning] == [__file__]  # the caller's line
     task = random_model.tsds_config.task
     with pytest.warns(LongRunWarning, match="sampling candidates: 320 episodes will take about"):
         samples = own_samples(random_model, sample_questions(task, "test", 40, seed=0), task, 8, 1.0, 0)

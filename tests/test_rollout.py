@@ -282,10 +282,64 @@ def test_progress_counts_units_and_warns_once_when_the_first_item_predicts_a_lon
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert list(module.progress(list(sizes), "sweep", "head", size=sizes.get)) == ["a", "b", "c"]
-        said = [str(w.message) for w in caught if issubclass(w.category, module.LongRunWarning)]
-        assert said == (["sweep: 10 heads will take about 1.0 h at this rate; Ctrl-C stops the run, a smaller "
-                         "size shortens it"] if warns else [])
+        said = [w for w in caught if issubclass(w.category, module.LongRunWarning)]
+        assert [str(w.message) for w in said] == (["sweep: 10 heads will take about 1.0 h at this rate; Ctrl-C "
+                                                   "stops the run, a smaller size shortens it"] if warns else [])
+        assert all(w.filename == __file__ for w in said)  # the caller's line
     assert bars[-1].kw == dict(total=10, desc="sweep", unit="head", disable=None) and bars[-1].updates == [1, 4, 5]
     clock = iter([0.0, 1.0, 2.0, 3.0])
     assert list(module.progress(["x", "y"], "items", quiet=True, total=7)) == ["x", "y"]
     assert bars[-1].kw == dict(total=7, desc="items", unit="it", disable=True) and bars[-1].updates == [1, 1]
+
+
+def test_sampling_draws_each_token_by_the_inverse_cdf_of_the_tempered_distribution():
+    """Logits (0, log 3): at temperature 2 the probabilities are 1 : sqrt 3, so a uniform below
+    1 / (1 + sqrt 3) = 0.366 draws token 0; at temperature 1 the cut is at 0.25; temperature 0 is greedy."""
+    import math
+
+    from tsds_interp.rollout import sample_tokens
+    logits = torch.tensor([[0.0, math.log(3.0), -1e9]]).repeat(4, 1)
+    u = torch.tensor([0.2, 0.3, 0.4, 0.99])
+    assert sample_tokens(logits, 2.0, u).tolist() == [0, 0, 1, 1]
+    assert sample_tokens(logits, 1.0, u).tolist() == [0, 1, 1, 1]
+    assert sample_tokens(logits, 0.0, u).tolist() == [1, 1, 1, 1]
+    assert sample_tokens(logits, 1.0, torch.ones(4)).tolist() == [1] * 4  # never past the last token
+
+
+def test_decision_temperature_and_batch_size_are_checked_at_their_bounds(random_model, questions):
+    q = questions[:2]
+    for value in (0, 100):
+        rollout(random_model, q, decision_temperature=value)
+    for value, shown in ((-0.5, "-0.5"), (100.5, "100.5"), (float("nan"), "nan")):
+        with pytest.raises(ValueError) as err:
+            rollout(random_model, q, decision_temperature=value)
+        assert str(err.value) == f"decision_temperature must be a finite number in [0, 100], got {shown}"
+    rollout(random_model, q, batch_size=1)
+    for value in (0, 2**24 + 1, 1.5):
+        with pytest.raises(ValueError) as err:
+            rollout(random_model, q, batch_size=value)
+        assert str(err.value) == f"batch_size must be an integer in [1, 16777216], got {value}"
+    with pytest.raises(ValueError) as err:
+        rollout(random_model, [1, 2])
+    assert str(err.value) == ("questions must be a tsds_interp.task.Questions (e.g. from sample_questions), got list")
+
+
+def test_an_all_malformed_rollout_warns_at_the_callers_line(tiny_cfg):
+    import warnings
+
+    from tsds_interp.rollout import MalformedWarning
+    task = tiny_cfg.task
+    policy = _ScriptedPolicy(task, decision_token=PAD)
+    for n, warns in ((2, True), (1, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rollout(policy, sample_questions(task, "train", n, seed=1), task=task, temperature=0.0, cached=False)
+        said = [w for w in caught if issubclass(w.category, MalformedWarning)]
+        assert len(said) == warns
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rollout(policy, sample_questions(task, "train", 3, seed=1), task=task, temperature=0.0, cached=False)
+    (w,) = [w for w in caught if issubclass(w.category, MalformedWarning)]
+    assert str(w.message) == ("all 3 episodes are malformed (the model never wrote a well-formed candidate and "
+                              "decision): is it trained on this task format?")
+    assert w.filename == __file__  # the line that called rollout, not the library's

@@ -13,6 +13,8 @@ or in any batch. Rows that finish leave the batch (and the cache) at once.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -173,7 +175,8 @@ def progress(items, desc: str, unit: str = "it", quiet: bool = False, size=lambd
             bar.update(size(item))
             if i == 0 and (estimate := (time.perf_counter() - start) * total / max(size(item), 1)) > LONG_RUN_S:
                 warnings.warn(f"{desc}: {total} {unit}s will take about {estimate / 3600:.1f} h at this rate; "
-                              "Ctrl-C stops the run, a smaller size shortens it", LongRunWarning, stacklevel=2)
+                              "Ctrl-C stops the run, a smaller size shortens it", LongRunWarning,
+                              stacklevel=_callers_level())
 
 
 def rollout_with_progress(model, questions: Questions, desc: str = "rollouts", chunk: int = 256, **kw):
@@ -195,8 +198,18 @@ class MalformedWarning(UserWarning):
 def _warn_if_all_malformed(r):
     if len(r) > 1 and bool(r.malformed.all()):
         warnings.warn(f"all {len(r)} episodes are malformed (the model never wrote a well-formed candidate and "
-                      "decision): is it trained on this task format?", MalformedWarning, stacklevel=3)
+                      "decision): is it trained on this task format?", MalformedWarning, stacklevel=_callers_level())
     return r
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that makes a warning name the first line outside this package and torch's
+    wrappers (``torch.no_grad``): the line where the user called in."""
+    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _rollout_settings(model, questions, task, budget, temperature, decision_temperature, seed, batch_size):

@@ -223,6 +223,7 @@ LAYOUT_MATRIX = {
     "bidirectional": dict(attention_dir="bidirectional"), "rms": dict(normalization_type="RMS"),
     "rms_pre": dict(normalization_type="RMSPre"), "ln_pre": dict(normalization_type="LNPre"),
     "no_norm": dict(normalization_type=None), "final_rms": dict(normalization_type="LN", final_rms=True),
+    "ln_pre_final_rms": dict(normalization_type="LNPre", final_rms=True),
     "attn_only": dict(attn_only=True), "grouped_query": dict(n_key_value_heads=2),
     "multi_query": dict(n_key_value_heads=1), "gated_silu": dict(gated_mlp=True, act_fn="silu"),
     "swish": dict(act_fn="swish"), "solu": dict(act_fn="solu"),

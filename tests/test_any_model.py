@@ -87,6 +87,13 @@ def test_each_fast_path_logs_the_path_it_takes(model, caplog):
     assert (forward is m) == (want == "hooked forward")
 
 
+def test_a_native_model_with_rotary_scaling_is_refused_by_name():
+    m = build("rotary")
+    assert refusal(m) is None
+    m.cfg.rope_scaling = {"rope_type": "linear", "factor": 2.0}
+    assert "rope_scaling" in refusal(m)  # refused by name (TransformerLens 4.3 has no such field: unknown)
+
+
 def test_own_logits_equal_the_hooked_models_from_one_token_up(model):
     """One forward object on inputs of 1, then 3, then 9 tokens: position tables built for the
     first length and grown for the later ones give the hooked model's logits at every length."""

@@ -205,7 +205,7 @@ def _warn_if_all_malformed(r):
 def _callers_level() -> int:
     """The ``stacklevel`` that makes a warning name the first line outside this package and torch's
     wrappers (``torch.no_grad``): the line where the user called in."""
-    inside = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
         frame, level = frame.f_back, level + 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -176,7 +177,7 @@ def progress(items, desc: str, unit: str = "it", quiet: bool = False, size=lambd
             if i == 0 and (estimate := (time.perf_counter() - start) * total / max(size(item), 1)) > LONG_RUN_S:
                 warnings.warn(f"{desc}: {total} {unit}s will take about {estimate / 3600:.1f} h at this rate; "
                               "Ctrl-C stops the run, a smaller size shortens it", LongRunWarning,
-                              stacklevel=_callers_level())
+                              stacklevel=_callers_level(sys._getframe()))
 
 
 def rollout_with_progress(model, questions: Questions, desc: str = "rollouts", chunk: int = 256, **kw):
@@ -198,15 +199,17 @@ class MalformedWarning(UserWarning):
 def _warn_if_all_malformed(r):
     if len(r) > 1 and bool(r.malformed.all()):
         warnings.warn(f"all {len(r)} episodes are malformed (the model never wrote a well-formed candidate and "
-                      "decision): is it trained on this task format?", MalformedWarning, stacklevel=_callers_level())
+                      "decision): is it trained on this task format?", MalformedWarning,
+                      stacklevel=_callers_level(sys._getframe()))
     return r
 
 
-def _callers_level() -> int:
-    """The ``stacklevel`` that makes a warning name the first line outside this package and torch's
-    wrappers (``torch.no_grad``): the line where the user called in."""
-    inside = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
-    frame, level = sys._getframe(1), 1
+def _callers_level(frame) -> int:
+    """The ``stacklevel`` for a warning raised in ``frame`` that names the first line outside this
+    package and the installed libraries (``torch.no_grad``'s wrapper among them): where the user called in."""
+    inside = tuple({os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                    *(os.path.abspath(sysconfig.get_path(k)) + os.sep for k in ("purelib", "platlib"))})
+    level = 1
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
